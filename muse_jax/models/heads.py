@@ -1,0 +1,78 @@
+"""DINO projection head (spec §2.7): MLP with GELU, L2 normalisation, weight-normalised last layer.
+
+MUSE uses two separate instances, `P^cls` on `f_cls` and `P^nu` on sampled nucleus features; teacher and student
+each hold their own copy (the same module, different variables).
+
+Parameter names (for weight conversion from a DINO/MUSE PyTorch head):
+  `mlp_{i}/kernel`, `mlp_{i}/bias` <- `mlp.{2 i}.weight`.T, `mlp.{2 i}.bias` (Linear layers of the nn.Sequential);
+  `last_layer/weight_v` `[bottleneck_dim, out_dim]` <- `last_layer.weight_v`.T;
+  `last_layer/weight_g` `[out_dim]` <- `last_layer.weight_g[:, 0]` (only when `norm_last_layer=False`; with
+  `norm_last_layer=True` the gain is fixed at 1 and not a parameter).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from muse_jax.models.layers import torch_default_kernel_init, trunc_normal_02
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """PyTorch `F.normalize`: x / max(||x||_2, eps)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class WeightNormDense(nn.Module):
+  """Bias-free Dense whose kernel is `g * v / ||v||` with the norm taken per output unit (over inputs)."""
+
+  features: int
+  learn_gain: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    v = self.param("weight_v", torch_default_kernel_init, (x.shape[-1], self.features))
+    kernel = v / jnp.linalg.norm(v, axis=0, keepdims=True)
+    if self.learn_gain:
+      kernel = kernel * self.param("weight_g", nn.initializers.ones, (self.features,))
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class DINOHead(nn.Module):
+  """DINO head: `num_layers`-layer MLP (GELU) -> L2 normalise -> weight-normalised Linear(bottleneck -> out_dim).
+
+  Attributes:
+    out_dim: K, the number of prototypes (logits).
+    hidden_dim: MLP width (2048 in DINO).
+    bottleneck_dim: width before the last layer (256 in DINO).
+    num_layers: MLP layers (>= 1); 1 means a single Linear(in -> bottleneck).
+    norm_last_layer: fix the weight-norm gain at 1 (DINO default True).
+
+  Dense layers of the MLP: trunc_normal(0.02) kernels, zero biases. `__call__(x [..., D]) -> [..., out_dim]`.
+  """
+
+  out_dim: int
+  hidden_dim: int = 2048
+  bottleneck_dim: int = 256
+  num_layers: int = 3
+  norm_last_layer: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.num_layers < 1:
+      raise ValueError(f"DINOHead: num_layers must be >= 1; got {self.num_layers}.")
+    widths = [self.hidden_dim] * (self.num_layers - 1) + [self.bottleneck_dim]
+    for i, w in enumerate(widths):
+      x = nn.Dense(w, dtype=self.dtype, kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
+                   name=f"mlp_{i}")(x)
+      if i < len(widths) - 1:
+        x = nn.gelu(x, approximate=False)
+    x = l2_normalize(x.astype(jnp.float32))
+    logits = WeightNormDense(self.out_dim, learn_gain=not self.norm_last_layer, dtype=self.dtype,
+                             name="last_layer")(x)
+    return logits.astype(jnp.float32)
