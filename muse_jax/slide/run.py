@@ -1,0 +1,384 @@
+"""Whole-slide nucleus detection: tissue tiles at the model's mpp, batched sharded inference, seam merging, exports.
+
+`run(predictor, slide_path, out_dir, config)` does, in order:
+
+1. open the slide (`reader.open_slide`; mpp from metadata or `config.mpp`), make a thumbnail at `mask_mpp` and a tissue
+   mask (`tissue.tissue_mask`);
+2. lay a tile grid at the predictor's mpp (`tiling.make_grid`, tile = `predictor.window`, `config.overlap`) and keep
+   the tiles whose core touches tissue;
+3. read tiles with a thread pool (`num_readers` threads, `prefetch_batches` batches ahead) into fixed-size batches,
+   put each batch on a 1-D data mesh of all devices (`NamedSharding(mesh, P('data'))`) and call
+   `predictor.predict_tiles`; keep each point only if it lies in the tile's core grown by the merge radius r
+   (`TileGrid.in_core`), and flag it as a seam point when it is within 2r of an inner core border (a duplicate
+   pair, at most r apart with each point within r of its own core, always lies in that band);
+4. stream every batch to `out_dir/parts/part_NNNNNN.npz` (level-0 points, classes, scores, tile, seam flag), then append
+   the batch's tiles to `parts/done.txt`. Memory stays flat: nothing but the current batches is held. A rerun with the
+   same slide and settings skips the tiles listed there (resume after a crash or a `max_batches` stop);
+5. seam pass: only the seam points (a band of 3r around each core border) are loaded together; a k-d tree merges
+   pairs from different tiles within r of each other, keeping the higher score (greedy point-NMS);
+6. exports, streamed part by part: `nuclei.csv` (x, y in level-0 px, class name, score), `nuclei.geojson` (QuPath
+   classified points, `muse_jax.outputs` layout), `summary.json` (counts and densities per mm² of tissue per class,
+   timings), `overlay.png` (thumbnail with nuclei drawn), `tissue.png` (the mask).
+
+The predictor protocol: any object with `predict_tiles(uint8 [B, S, S, 3]) -> list of B dicts` with `points` float
+[K, 2] (x, y in tile pixels), `classes` int [K], `scores` float [K]; attributes `class_names` (sequence of str), `mpp`
+(µm/px the model runs at), `window` (S), and optionally `merge_radius_um` (µm; else `config.merge_radius_um`).
+`predict_tiles` receives a sharded `jax.Array`; a predictor that wants numpy may call `np.asarray` on it.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as futures
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Any, Protocol, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image, ImageDraw
+from scipy.spatial import cKDTree
+
+from muse_jax import outputs
+from muse_jax.slide import reader, tiling, tissue
+
+PARTS_DIR = "parts"
+DONE_FILE = "done.txt"
+META_FILE = "meta.json"
+
+
+class TilePredictor(Protocol):
+  """What `run` needs from a model (see module docstring)."""
+  class_names: Sequence[str]
+  mpp: float
+  window: int
+
+  def predict_tiles(self, tiles: Any) -> list[dict[str, np.ndarray]]:
+    ...
+
+
+@dataclasses.dataclass
+class SlideRunConfig:
+  """Settings of a whole-slide run.
+
+  Attributes:
+    mpp: level-0 µm/px of the slide; None reads it from the metadata.
+    batch_size: tiles per inference call (rounded up to a multiple of the device count).
+    overlap: pixels (at the model mpp) shared by neighbouring tiles; each side of a core gets overlap/2 of context.
+    num_readers: tile-reading threads.
+    prefetch_batches: batches read ahead of the model.
+    mask_mpp: µm/px of the thumbnail used for the tissue mask.
+    min_tissue_area_um2: smaller tissue pieces are ignored.
+    merge_radius_um: seam-merge radius; None uses `predictor.merge_radius_um` or 3 µm.
+    overlay_max_side: longest side of `overlay.png` in pixels (its mpp is never finer than 2 µm/px).
+    object_type: GeoJSON objectType, 'detection' (light, for many nuclei) or 'annotation' (editable).
+    max_batches: stop after this many batches in this call (a test/ops hook; rerun to resume). None: run to the end.
+    progress: show a tqdm progress bar with ETA.
+    overwrite: discard parts from an earlier run with different settings instead of failing.
+  """
+  mpp: float | None = None
+  batch_size: int = 16
+  overlap: int = 64
+  num_readers: int = 4
+  prefetch_batches: int = 4
+  mask_mpp: float = 8.0
+  min_tissue_area_um2: float = 20_000.0
+  merge_radius_um: float | None = None
+  overlay_max_side: int = 2048
+  object_type: str = "detection"
+  max_batches: int | None = None
+  progress: bool = True
+  overwrite: bool = False
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh ('data',) over all (or the given) devices, with Auto axes."""
+  devices = list(devices) if devices is not None else jax.devices()
+  return Mesh(np.array(devices), ("data",))
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _read_done(parts: pathlib.Path) -> list[tuple[str, list[int]]]:
+  done_path = parts / DONE_FILE
+  if not done_path.exists():
+    return []
+  entries = []
+  for line in done_path.read_text().splitlines():
+    fields = line.split()
+    if fields and (parts / fields[0]).exists():
+      entries.append((fields[0], [int(t) for t in fields[1:]]))
+  return entries
+
+
+def _prepare_parts(out_dir: pathlib.Path, meta: dict[str, Any], overwrite: bool) -> list[tuple[str, list[int]]]:
+  """Creates or validates `out_dir/parts`; returns the finished parts (name, tiles) of an earlier run."""
+  parts = out_dir / PARTS_DIR
+  meta_path = parts / META_FILE
+  if meta_path.exists():
+    old = json.loads(meta_path.read_text())
+    if old != meta:
+      if not overwrite:
+        diff = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta) if old.get(k) != meta.get(k)}
+        raise ValueError(f"{out_dir}: holds partial results of a different run (differences: {diff}); use a new "
+                         f"--out directory or pass overwrite=True (--overwrite) to discard them")
+      shutil.rmtree(parts)
+  parts.mkdir(parents=True, exist_ok=True)
+  if not meta_path.exists():
+    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    (parts / DONE_FILE).write_text("")
+  entries = _read_done(parts)
+  listed = {name for name, _ in entries}
+  for f in parts.glob("part_*.npz"):  # written but never listed: the run died between the two steps
+    if f.name not in listed:
+      f.unlink()
+  for f in parts.glob("*.tmp*"):
+    f.unlink()
+  # rewrite done.txt without lines whose part file is missing
+  _atomic_write_text(parts / DONE_FILE, "".join(f"{n} {' '.join(map(str, t))}\n" for n, t in entries))
+  return entries
+
+
+def _model_to_level0(xy: np.ndarray, ratio: float) -> np.ndarray:
+  """Pixel-centre coordinates at the model mpp -> level-0 pixel-centre coordinates (ratio = model_mpp/slide_mpp)."""
+  return (xy + 0.5) * ratio - 0.5
+
+
+def _seam_merge(parts: pathlib.Path, names: list[str], radius_px: float) -> dict[str, np.ndarray]:
+  """Suppressed row indices per part, from a k-d tree over seam-flagged points only.
+
+  Greedy by descending score: a point suppresses the seam points of *other* tiles within `radius_px` (level-0 px).
+  """
+  pts, scores, tiles, part_ids, rows = [], [], [], [], []
+  for k, name in enumerate(names):
+    with np.load(parts / name) as z:
+      b = z["border"]
+      if b.any():
+        idx = np.nonzero(b)[0]
+        pts.append(z["points"][idx])
+        scores.append(z["scores"][idx])
+        tiles.append(z["tiles"][idx])
+        part_ids.append(np.full(len(idx), k))
+        rows.append(idx)
+  if not pts:
+    return {}
+  pts, scores, tiles = np.concatenate(pts), np.concatenate(scores), np.concatenate(tiles)
+  part_ids, rows = np.concatenate(part_ids), np.concatenate(rows)
+  pairs = cKDTree(pts).query_pairs(radius_px, output_type="ndarray")
+  if len(pairs) == 0:
+    return {}
+  pairs = pairs[tiles[pairs[:, 0]] != tiles[pairs[:, 1]]]
+  neighbours = collections.defaultdict(list)
+  for i, j in pairs:
+    neighbours[i].append(j)
+    neighbours[j].append(i)
+  suppressed = np.zeros(len(pts), bool)
+  for i in sorted(neighbours, key=lambda i: (-scores[i], i)):
+    if not suppressed[i]:
+      for j in neighbours[i]:
+        if tiles[j] != tiles[i]:
+          suppressed[j] = True
+  out: dict[str, list[int]] = collections.defaultdict(list)
+  for i in np.nonzero(suppressed)[0]:
+    out[names[part_ids[i]]].append(int(rows[i]))
+  return {k: np.asarray(v, np.int64) for k, v in out.items()}
+
+
+class _GeoJSONStream:
+  """Writes a FeatureCollection feature by feature (`muse_jax.outputs.points_to_geojson` layout)."""
+
+  def __init__(self, path: pathlib.Path):
+    self._f = open(path, "w")
+    self._f.write('{"type": "FeatureCollection", "features": [')
+    self._first = True
+
+  def write(self, features: list[dict[str, Any]]) -> None:
+    for feat in features:
+      self._f.write(("\n" if self._first else ",\n") + json.dumps(feat))
+      self._first = False
+
+  def close(self) -> None:
+    self._f.write("\n]}\n")
+    self._f.close()
+
+
+def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | os.PathLike,
+        config: SlideRunConfig | None = None, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Detects and classifies the nuclei of a whole slide; see the module docstring.
+
+  Args:
+    predictor: the model (protocol in the module docstring).
+    slide_path: SVS / pyramidal TIFF / plain image.
+    out_dir: output directory (created); holds `parts/` while running and the exports at the end.
+    config: settings (default `SlideRunConfig()`).
+    mesh: device mesh with a 'data' axis (default all devices).
+
+  Returns:
+    the summary dict (also written to `out_dir/summary.json` once complete); `complete` is False when
+    `config.max_batches` stopped the run early (then no exports are written).
+
+  Raises:
+    FileNotFoundError, reader.SlideError, reader.MissingMppError: bad slide input.
+    ValueError: bad settings, or `out_dir` holds parts of a different run (without `overwrite`).
+  """
+  cfg = config or SlideRunConfig()
+  t_start = time.perf_counter()
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  mesh = mesh or data_mesh()
+  n_dev = mesh.shape["data"]
+  batch = -(-max(int(cfg.batch_size), 1) // n_dev) * n_dev
+  sharding = NamedSharding(mesh, P("data"))
+  class_names = [str(c) for c in predictor.class_names]
+  colors = outputs.class_colors(class_names)
+  model_mpp, window = float(predictor.mpp), int(predictor.window)
+  merge_um = cfg.merge_radius_um if cfg.merge_radius_um is not None else getattr(predictor, "merge_radius_um", 3.0)
+
+  with reader.open_slide(slide_path, mpp=cfg.mpp) as slide:
+    ratio = model_mpp / slide.mpp
+    width, height = slide.size_at_mpp(model_mpp)
+    grid = tiling.make_grid(width, height, window, cfg.overlap)
+    thumb = slide.thumbnail(cfg.mask_mpp)
+    mask = tissue.tissue_mask(thumb, cfg.mask_mpp, min_area_um2=cfg.min_tissue_area_um2)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out / "tissue.png")
+    area_mm2 = tissue.tissue_area_mm2(mask, cfg.mask_mpp)
+    selected = tiling.tissue_tiles(grid, mask, model_mpp / cfg.mask_mpp)
+    meta = dict(slide=str(pathlib.Path(slide_path).resolve()), slide_size=list(slide.dimensions),
+                slide_mpp=slide.mpp, model_mpp=model_mpp, window=window, overlap=grid.overlap,
+                grid=[grid.nx, grid.ny], class_names=class_names, merge_radius_um=float(merge_um),
+                tissue_tiles=int(len(selected)), mask_mpp=cfg.mask_mpp)
+    entries = _prepare_parts(out, meta, cfg.overwrite)
+    done = {t for _, ts in entries for t in ts}
+    todo = [int(t) for t in selected if int(t) not in done]
+    seam_px = merge_um / model_mpp  # model px
+    if not 0 < seam_px <= grid.overlap / 2:
+      raise ValueError(f"merge radius {merge_um} µm = {seam_px:.1f} px at {model_mpp} µm/px: expected > 0 and at most "
+                       f"overlap/2 = {grid.overlap / 2} px; raise the overlap (--overlap) or lower the merge radius")
+
+    def read_tile(index: int) -> np.ndarray:
+      ox, oy = grid.origin(index)
+      return slide.read_at_mpp(float(ox), float(oy), window, window, model_mpp)
+
+    batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    if cfg.max_batches is not None:
+      batches = batches[:max(int(cfg.max_batches), 0)]
+    bar = None
+    if cfg.progress:
+      from tqdm.auto import tqdm  # noqa: PLC0415
+      bar = tqdm(total=len(selected), initial=len(done), unit="tile", desc=pathlib.Path(slide_path).name,
+                 dynamic_ncols=True)
+    parts = out / PARTS_DIR
+    next_part = len(entries)
+    t_infer, n_run = 0.0, 0
+    pool = futures.ThreadPoolExecutor(max(int(cfg.num_readers), 1), thread_name_prefix="slide-reader")
+    try:
+      pending: collections.deque = collections.deque()
+      it = iter(batches)
+
+      def submit_next() -> None:
+        b = next(it, None)
+        if b is not None:
+          pending.append((b, [pool.submit(read_tile, t) for t in b]))
+
+      for _ in range(max(int(cfg.prefetch_batches), 1)):
+        submit_next()
+      while pending:
+        tiles_idx, futs = pending.popleft()
+        imgs = np.full((batch, window, window, 3), reader.PAD_VALUE, np.uint8)
+        for k, f in enumerate(futs):
+          imgs[k] = f.result()
+        submit_next()
+        t0 = time.perf_counter()
+        preds = predictor.predict_tiles(jax.device_put(imgs, sharding))
+        t_infer += time.perf_counter() - t0
+        rec = collections.defaultdict(list)
+        for k, index in enumerate(tiles_idx):
+          p = preds[k]
+          xy = np.asarray(p["points"], np.float64).reshape(-1, 2) + grid.origin(index)
+          keep = grid.in_core(index, xy, seam_px) & (xy[:, 0] > -0.5) & (xy[:, 1] > -0.5)
+          keep &= (xy[:, 0] < width - 0.5) & (xy[:, 1] < height - 0.5)
+          xy = xy[keep]
+          rec["points"].append(_model_to_level0(xy, ratio).astype(np.float32))
+          rec["classes"].append(np.asarray(p["classes"], np.int32).reshape(-1)[keep])
+          rec["scores"].append(np.asarray(p["scores"], np.float32).reshape(-1)[keep])
+          rec["tiles"].append(np.full(len(xy), index, np.int64))
+          rec["border"].append(~grid.in_core(index, xy, -2 * seam_px))
+        name = f"part_{next_part:06d}.npz"
+        tmp = parts / (name + ".tmp.npz")
+        np.savez(tmp, **{k: np.concatenate(v) for k, v in rec.items()})
+        os.replace(tmp, parts / name)
+        with open(parts / DONE_FILE, "a") as f:
+          f.write(f"{name} {' '.join(map(str, tiles_idx))}\n")
+        entries.append((name, tiles_idx))
+        next_part += 1
+        n_run += len(tiles_idx)
+        if bar is not None:
+          bar.update(len(tiles_idx))
+    finally:
+      pool.shutdown(wait=True, cancel_futures=True)
+      if bar is not None:
+        bar.close()
+    n_done = len({t for _, ts in entries for t in ts})
+    summary: dict[str, Any] = dict(
+        slide=str(slide_path), slide_size=list(slide.dimensions), slide_mpp=slide.mpp, mpp_source=slide.mpp_source,
+        vendor=slide.vendor, model_mpp=model_mpp, window=window, overlap=grid.overlap, devices=n_dev,
+        batch_size=batch, tiles_total=grid.num_tiles, tiles_tissue=int(len(selected)), tiles_done=n_done,
+        tiles_this_call=n_run, tissue_area_mm2=area_mm2, complete=n_done == len(selected))
+    if not summary["complete"]:
+      summary["seconds"] = time.perf_counter() - t_start
+      return summary
+
+    # seam pass and exports
+    names = [n for n, _ in entries]
+    suppressed = _seam_merge(parts, names, merge_um / slide.mpp)
+    overlay_mpp = max(2.0, slide.mpp, max(slide.dimensions) * slide.mpp / max(cfg.overlay_max_side, 16))
+    overlay = Image.fromarray(slide.thumbnail(overlay_mpp))
+  draw = ImageDraw.Draw(overlay)
+  dot = max(1.0, 3.0 / overlay_mpp)
+  counts = np.zeros(len(class_names), np.int64)
+  geo = _GeoJSONStream(out / "nuclei.geojson")
+  with open(out / "nuclei.csv", "w", newline="") as fcsv:
+    w = csv.writer(fcsv)
+    w.writerow(["x", "y", "class", "score"])
+    for name in names:
+      with np.load(parts / name) as z:
+        keep = np.ones(len(z["scores"]), bool)
+        keep[suppressed.get(name, np.zeros(0, np.int64))] = False
+        pts, cls, sc = z["points"][keep], z["classes"][keep], z["scores"][keep]
+      if len(cls) and (cls.min() < 0 or cls.max() >= len(class_names)):
+        raise ValueError(f"predictor returned classes in [{cls.min()}, {cls.max()}], expected [0, "
+                         f"{len(class_names)}) for class_names {class_names}")
+      counts += np.bincount(cls, minlength=len(class_names))
+      w.writerows([f"{x:.2f}", f"{y:.2f}", class_names[c], f"{s:.4f}"] for (x, y), c, s in zip(pts, cls, sc))
+      geo.write(outputs.points_to_geojson(pts, cls, sc, class_names, colors=colors,
+                                          object_type=cfg.object_type)["features"])
+      scale = slide.mpp / overlay_mpp
+      for (x, y), c in zip(pts, cls):
+        cx, cy = (x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5
+        draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill=tuple(colors[c]))
+  geo.close()
+  overlay.save(out / "overlay.png")
+  n_total = int(counts.sum())
+  elapsed = time.perf_counter() - t_start
+  summary.update(
+      nuclei=n_total,
+      counts={c: int(n) for c, n in zip(class_names, counts)},
+      density_per_mm2=({c: float(n / area_mm2) for c, n in zip(class_names, counts)} if area_mm2 > 0 else None),
+      total_density_per_mm2=float(n_total / area_mm2) if area_mm2 > 0 else None,
+      seam_merged=int(sum(len(v) for v in suppressed.values())), merge_radius_um=float(merge_um),
+      seconds=elapsed, inference_seconds=t_infer,
+      tiles_per_s=(n_run / elapsed) if n_run else None,
+      s_per_mm2=(elapsed / area_mm2) if area_mm2 > 0 and n_run == len(selected) else None,
+      overlay_mpp=overlay_mpp, coordinates="level-0 pixels (x = column, y = row)",
+      outputs=dict(csv="nuclei.csv", geojson="nuclei.geojson", overlay="overlay.png", tissue="tissue.png"))
+  _atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+  return summary
