@@ -1,0 +1,302 @@
+"""Evaluation driver: backbone source + labelled dataset -> kNN / linear / fine-tune results and reports.
+
+`run(config, workdir)` evaluates one backbone at one (mpp, size) setting, or, with `config.all`, the grid
+mpp {0.5, 0.25} x size {224, 512} x protocols, and writes to `workdir`:
+
+  results.json            every setting and protocol: accuracies, macro-F1, per-class F1, confusion matrices,
+                          kNN accuracy per k (test and val), linear per-epoch curves, all settings used
+  results.md              the tables in the layout of the published tables (spec §6) + a details table
+  confusion_<setting>_<protocol>.png
+
+Protocol settings default to the spec (§5.3-§5.5); anything changed (e.g. fewer linear epochs) is recorded in
+the JSON and printed under the table.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from muse_jax.evaluation import features as features_lib
+from muse_jax.evaluation import finetune as finetune_lib
+from muse_jax.evaluation import knn as knn_lib
+from muse_jax.evaluation import linear as linear_lib
+from muse_jax.evaluation import report
+
+PROTOCOLS = ("knn", "linear", "finetune")
+SPLITS = ("train", "val", "test")
+GRID_MPPS = (0.5, 0.25)
+GRID_SIZES = (224, 512)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The evaluation config; defaults follow spec §5.2-§5.5."""
+  c = ml_collections.ConfigDict()
+  c.backbone = "random:tiny"   # backbone directory or random:<variant>
+  c.backbone_seed = 0          # seed of a random:<variant> initialisation
+  c.method = ""                # row label in the tables (default: derived from the backbone source)
+  c.dataset = "brca_m2c"
+  c.data_dir = "bundled"       # 'bundled' = the sample inside the package
+  c.protocols = "knn,linear"
+  c.mpp = 0.5
+  c.size = 224
+  c.valid = 224
+  c.pad_mode = "reflect"
+  c.all = False                # the grid GRID_MPPS x GRID_SIZES
+  c.batch_size = 10            # tiles per feature-extraction call (§5.2)
+  c.seed = linear_lib.SEED
+  c.knn_ks = knn_lib.KS
+  c.knn_temperature = knn_lib.TEMPERATURE
+  c.linear_epochs = 100
+  c.linear_lr = 0.01
+  c.linear_batch_size = 256
+  c.finetune_epochs = 10
+  c.finetune_lr = 0.0          # 0 = 1e-5 for ViTs, 4e-5 for R50
+  c.finetune_batch_size = 32
+  c.progress = True
+  return c
+
+
+def class_names_for(dataset: str) -> list[str]:
+  """The class map of a dataset, by id."""
+  from muse_jax.data import readers  # pylint: disable=import-outside-toplevel
+
+  if dataset == "brca_m2c":
+    return list(readers.BRCA_CLASSES)
+  raise ValueError(f"dataset {dataset!r}: no class map known (expected 'brca_m2c')")
+
+
+def method_label(source: str, model_cfg: ml_collections.ConfigDict) -> str:
+  """A readable row label: `random init (vit_s16)` or `<dir name> (<model name>)`."""
+  name = model_cfg.get("name", model_cfg.arch)
+  if str(source).startswith("random:"):
+    return f"Random init ({name})"
+  return f"{pathlib.Path(str(source)).name} ({name})"
+
+
+def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
+  """'knn,linear' -> ['knn', 'linear'] in canonical order; ValueError for unknown names."""
+  items = [p.strip() for p in (protocols.split(",") if isinstance(protocols, str) else protocols) if p.strip()]
+  bad = [p for p in items if p not in PROTOCOLS]
+  if bad or not items:
+    raise ValueError(f"protocols {items!r}: expected a non-empty subset of {PROTOCOLS}")
+  return [p for p in PROTOCOLS if p in items]
+
+
+def load_backbone(source: str | tuple, seed: int = 0) -> tuple[ml_collections.ConfigDict, dict]:
+  """`(model_cfg, variables)` from a source string (`backbone_io.load_backbone`) or an already loaded tuple."""
+  if isinstance(source, tuple):
+    return source
+  from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
+
+  return backbone_io.load_backbone(source, seed=seed)
+
+
+class _Bar:
+  """A tqdm bar when `enabled`, else a no-op."""
+
+  def __init__(self, enabled: bool, total: int, desc: str):
+    self.bar = None
+    if enabled:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+      self.bar = tqdm(total=total, desc=desc, unit="tile", leave=False, dynamic_ncols=True)
+
+  def __call__(self, n: int) -> None:
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def load_tiles(dataset: str, data_dir: str, *, mpp: float, size: int, valid: int = 224,
+               pad_mode: str = "reflect", _cache: dict | None = None) -> dict[str, list[dict]]:
+  """Evaluation tiles of the three splits; ValueError when a split has none."""
+  from muse_jax.data import eval_tiles, load_labelled  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  for split in SPLITS:
+    key = (dataset, str(data_dir), split)
+    if _cache is not None and key in _cache:
+      samples = _cache[key]
+    else:
+      samples = load_labelled(dataset, data_dir, split)
+      if _cache is not None:
+        _cache[key] = samples
+    if not samples:
+      raise ValueError(f"dataset {dataset!r} at {data_dir}: split {split!r} is empty (no samples)")
+    tiles = eval_tiles.make_eval_tiles(samples, target_mpp=mpp, size=size, valid=valid, pad_mode=pad_mode)
+    if not tiles:
+      raise ValueError(f"dataset {dataset!r} at {data_dir}: split {split!r} has no labelled nuclei "
+                       f"at mpp {mpp} (empty split)")
+    out[split] = tiles
+  return out
+
+
+def evaluate_setting(model_cfg: ml_collections.ConfigDict, variables: dict, tiles: dict[str, list[dict]],
+                     protocols: Sequence[str], config: ml_collections.ConfigDict,
+                     class_names: Sequence[str]) -> dict[str, Any]:
+  """Runs the protocols for one (mpp, size) setting on prepared tiles.
+
+  Returns:
+    {'counts': 'train/val/test' nuclei, 'timing_s': {...}, 'knn'|'linear'|'finetune': protocol result}.
+    Fine-tuning runs the linear probe first (its head is the initialisation) even when not requested.
+  """
+  num_classes = len(class_names)
+  size = tiles["train"][0]["image"].shape[0]
+  timing = {}
+  t0 = time.perf_counter()
+  fn = features_lib.make_feature_fn(model_cfg, variables, image_size=size)
+  n_pad = features_lib.pad_size([t for s in SPLITS for t in tiles[s]])
+  feats = {}
+  bar = _Bar(config.progress, sum(len(tiles[s]) for s in SPLITS), f"features {size}px")
+  for split in SPLITS:
+    feats[split] = features_lib.extract_features(tiles[split], fn, num_classes=num_classes,
+                                                 batch_size=config.batch_size, n_pad=n_pad, split=split,
+                                                 progress=bar)
+  bar.close()
+  timing["features"] = time.perf_counter() - t0
+  out: dict[str, Any] = {"counts": "/".join(str(len(feats[s]["labels"])) for s in SPLITS),
+                         "feature_dim": int(feats["train"]["features"].shape[1])}
+  xy = {s: (feats[s]["features"], feats[s]["labels"]) for s in SPLITS}
+  if "knn" in protocols:
+    t0 = time.perf_counter()
+    out["knn"] = knn_lib.knn_eval(*xy["train"], *xy["test"], num_classes, *xy["val"], ks=tuple(config.knn_ks),
+                                  temperature=config.knn_temperature, class_names=list(class_names))
+    timing["knn"] = time.perf_counter() - t0
+  if "linear" in protocols or "finetune" in protocols:
+    t0 = time.perf_counter()
+    out["linear"] = linear_lib.linear_probe(*xy["train"], *xy["val"], *xy["test"], num_classes,
+                                            epochs=config.linear_epochs, lr=config.linear_lr,
+                                            batch_size=config.linear_batch_size, seed=config.seed,
+                                            class_names=list(class_names))
+    timing["linear"] = time.perf_counter() - t0
+  if "finetune" in protocols:
+    t0 = time.perf_counter()
+    steps = config.finetune_epochs * -(-len(tiles["train"]) // config.finetune_batch_size)
+    bar = _Bar(config.progress, steps, f"finetune {size}px")
+    out["finetune"] = finetune_lib.finetune(
+        model_cfg, variables, out["linear"]["head"], tiles["train"], tiles["val"], tiles["test"],
+        num_classes=num_classes, epochs=config.finetune_epochs, lr=config.finetune_lr or None,
+        batch_size=config.finetune_batch_size, seed=config.seed, eval_batch_size=config.batch_size,
+        class_names=list(class_names), progress=bar)
+    bar.close()
+    timing["finetune"] = time.perf_counter() - t0
+  out["timing_s"] = timing
+  return out
+
+
+def _deviations(config: ml_collections.ConfigDict) -> list[str]:
+  d = default_config()
+  notes = []
+  for key, what in (("linear_epochs", "linear-probe epochs"), ("linear_lr", "linear-probe lr"),
+                    ("linear_batch_size", "linear-probe batch"), ("finetune_epochs", "fine-tuning epochs"),
+                    ("finetune_batch_size", "fine-tuning batch"), ("knn_temperature", "kNN temperature")):
+    if config[key] != d[key]:
+      notes.append(f"{what} = {config[key]} (spec: {d[key]})")
+  if tuple(config.knn_ks) != tuple(d.knn_ks):
+    notes.append(f"kNN k set = {tuple(config.knn_ks)} (spec: {tuple(d.knn_ks)})")
+  if config.finetune_lr:
+    notes.append(f"fine-tuning lr = {config.finetune_lr} (spec: 1e-5 ViT / 4e-5 R50)")
+  return notes
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+        backbone: tuple | None = None) -> dict[str, Any]:
+  """Evaluates one backbone and writes `results.json`, `results.md` and confusion PNGs to `workdir`.
+
+  Args:
+    config: see `default_config`.
+    workdir: output folder (created); None writes nothing.
+    backbone: optional already loaded `(model_cfg, variables)` (then `config.backbone` only labels it).
+
+  Returns:
+    {'rows': [...], 'markdown': str, 'config': dict, 'notes': [...]} (rows as in `report`).
+  """
+  protocols = parse_protocols(config.protocols)
+  class_names = class_names_for(config.dataset)
+  model_cfg, variables = load_backbone(backbone or config.backbone, config.backbone_seed)
+  method = config.method or method_label(config.backbone, model_cfg)
+  settings = ([(m, s) for m in GRID_MPPS for s in GRID_SIZES] if config.all
+              else [(float(config.mpp), int(config.size))])
+  cache: dict = {}
+  rows = []
+  for mpp, size in settings:
+    tiles = load_tiles(config.dataset, config.data_dir, mpp=mpp, size=size, valid=config.valid,
+                       pad_mode=config.pad_mode, _cache=cache)
+    upsampled = any(t.get("resampled") == "up" for t in tiles["train"])
+    padded = sum("pad" in t.get("context", "") for s in SPLITS for t in tiles[s])
+    res = evaluate_setting(model_cfg, variables, tiles, protocols, config, class_names)
+    for proto in protocols:
+      rows.append({"method": method, "backbone": str(config.backbone), "dataset": config.dataset,
+                   "mpp": mpp, "upsampled": upsampled, "size": size, "valid": config.valid,
+                   "protocol": proto, "counts": res["counts"], "feature_dim": res["feature_dim"],
+                   "tiles": "/".join(str(len(tiles[s])) for s in SPLITS), "padded_context_tiles": padded,
+                   "timing_s": res["timing_s"], "result": res[proto]})
+  notes = [f"Conditions: backbone `{config.backbone}` ({model_cfg.get('name', model_cfg.arch)}), dataset "
+           f"`{config.dataset}` at `{config.data_dir}`, valid window {config.valid} px, context beyond the tile "
+           f"filled by `{config.pad_mode}` padding (substitute for slide context), seed {config.seed}."]
+  notes += [f"Deviation from the spec: {n}." for n in _deviations(config)]
+  markdown = report.markdown_tables(rows, notes)
+  out = {"rows": rows, "markdown": markdown, "config": config.to_dict(), "notes": notes}
+  if workdir is not None:
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report.write_json(workdir / "results.json", {"config": config.to_dict(), "notes": notes, "rows": rows})
+    (workdir / "results.md").write_text(markdown)
+    for r in rows:
+      res = r["result"]
+      m = res["official"]["metrics"] if r["protocol"] == "knn" else res["metrics"]
+      tag = f"mpp{r['mpp']}_size{r['size']}_{r['protocol']}"
+      report.plot_confusion(m["confusion_matrix"], m["class_names"], workdir / f"confusion_{tag}.png",
+                            title=f"{method} {report.column_label(r)} {r['protocol']} "
+                                  f"acc {100 * m['accuracy']:.1f}%")
+  return out
+
+
+def demo_table(backbone_sources: dict[str, str | tuple], *, data_dir: str = "bundled", mpp: float = 0.5,
+               size: int = 224, linear_epochs: int = 30, workdir: str | os.PathLike | None = None,
+               progress: bool = False) -> str:
+  """kNN and linear accuracy of several backbones on the bundled sample, as one Markdown table.
+
+  Args:
+    backbone_sources: {row label: `random:<variant>` | backbone directory | (model_cfg, variables)}, e.g.
+      {'MUSE tiny (pretrained teacher)': 'workdirs/demo/export', 'tiny, random init': 'random:tiny'}.
+    data_dir: dataset folder ('bundled' = the sample in the package).
+    mpp, size: the evaluation setting.
+    linear_epochs: linear-probe epochs (the spec's 100 are cut for speed; the table says so).
+    workdir: if given, each backbone's full report goes to `workdir/<i>/`.
+    progress: show progress bars.
+
+  Returns:
+    Markdown: one row per backbone with kNN (best k on test / k on val), linear top-1 and macro-F1 (test).
+  """
+  lines = [f"| Method | kNN top-1 % (best k on test) | kNN top-1 % (k on val) | linear top-1 % | "
+           f"linear macro-F1 % |", "| --- | --- | --- | --- | --- |"]
+  counts = ""
+  for i, (label, source) in enumerate(backbone_sources.items()):
+    cfg = default_config()
+    cfg.backbone = source if isinstance(source, str) else f"<in-memory {label}>"
+    cfg.method, cfg.data_dir, cfg.mpp, cfg.size = label, str(data_dir), mpp, size
+    cfg.linear_epochs, cfg.progress = linear_epochs, progress
+    res = run(cfg, None if workdir is None else pathlib.Path(workdir) / str(i),
+              backbone=None if isinstance(source, str) else source)
+    by = {r["protocol"]: r for r in res["rows"]}
+    k, lin = by["knn"]["result"], by["linear"]["result"]
+    counts = by["knn"]["counts"]
+    lines.append(f"| {label} | {100 * k['official']['accuracy']:.2f} (k={k['official']['k']}) | "
+                 f"{100 * k['honest']['accuracy']:.2f} (k={k['honest']['k']}) | {100 * lin['accuracy']:.2f} | "
+                 f"{100 * lin['metrics']['macro_f1']:.2f} |")
+  lines.append("")
+  lines.append(f"Bundled BRCA-M2C sample (6 train / 2 val / 3 test tiles; {counts} train/val/test nuclei), "
+               f"mpp {mpp}, size {size}. kNN: T=0.07, k in {{10, 20, 100, 200, 500}} (k clamped to the train "
+               f"count). Linear probe: {linear_epochs} epochs (spec: 100), otherwise §5.4. A toy-scale check, "
+               f"not comparable with the published tables.")
+  return "\n".join(lines) + "\n"
