@@ -1,0 +1,203 @@
+"""Grain pretraining pipeline: region records -> MUSE multi-view batches (spec §3.1 to §3.3).
+
+    cfg = pipeline.default_data_config()            # every data knob lives here
+    source = pipeline.open_pretrain_source(cfg)     # from cfg.source
+    ds = pipeline.make_pretrain_dataset(source, cfg, seed=0, batch_size=8)
+    it = iter(ds); batch = next(it)                 # host-local numpy batch; it.get_state() / it.set_state(s)
+
+Batch layout (host-local, numpy; `B` = per-host batch):
+`{'global': {'images': uint8 [B,Vg,G,G,3], 'coords': f32 [B,Vg,Mg,2], 'ids': i32 [B,Vg,Mg] (-1 = pad),
+'mask': bool [B,Vg,Mg], 'mpp': f32 [B,Vg]}, 'local': {same with Vl, L, Ml}}`. `ids` identify a nucleus within its
+region (same nucleus, same id in every view of that region). `to_global_arrays` turns it into global `jax.Array`s
+sharded over a mesh axis.
+
+Determinism: records are shuffled with `seed`, every record gets its own generator from Grain's `random_map`
+(derived from the seed and the record's position), so the same seed gives the same batches for any
+`num_workers`; the iterator state (`get_state`/`set_state`) restores the exact position.
+Multi-host: host `process_index` reads records `process_index::process_count` only.
+Scripts that use `num_workers > 0` need absl flags parsed and an `if __name__ == '__main__':` guard.
+
+Sources (`cfg.source`):
+* `'bundled'`: the bundled BRCA-M2C sample's train + val tiles (never test) with their labelled points as nucleus
+  positions, at 0.5 µm/px;
+* `'brca:PATH'`: the same from a full BRCA-M2C folder (train + val);
+* `'tfds:DATA_DIR'` or `'tfds:NAME@DATA_DIR'`: records prepared by `python -m muse_jax.data.prepare` (`regions` by
+  default; `split` from `cfg.split`), read with `tfds.data_source`;
+* `'folder:PATH'`: image files (mpp `cfg.region_mpp`, required) with nucleus points from sidecar CSV/GeoJSON files
+  or, without them, from the classical detector (`muse_jax.data.detect`; run per read, so prepare records for speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from muse_jax.data import readers, views
+
+
+def default_data_config(variant: str = 'default') -> ml_collections.ConfigDict:
+  """The pretraining data config.
+
+  Args:
+    variant: 'default' (2 x 224 global, 8 x 96 local) or 'lfov' (2 x 512, 8 x 208; large field of view).
+  """
+  c = ml_collections.ConfigDict()
+  c.source = 'bundled'          # see the module docstring
+  c.split = 'train'             # split of tfds records
+  c.global_size = 224           # px
+  c.local_size = 96             # px
+  c.n_global = 2
+  c.n_local = 8
+  c.mpp_range = (0.25, 0.5)     # µm/px, for every view
+  c.mpp_dist = 'uniform'        # 'uniform' | 'loguniform' | 'discrete'
+  c.mpp_choices = (0.25, 0.5)   # for 'discrete'
+  c.region_mpp = ml_collections.FieldReference(None, field_type=float)  # None: the record's own 'mpp'
+  c.local_in_global = True      # centre local views inside a random global view (shared nuclei)
+  c.pad_mode = 'reflect'        # fill for views larger than the region: 'reflect' | 'constant' (white)
+  c.max_nuclei_global = 256
+  c.max_nuclei_local = 64
+  # Geometric.
+  c.flips = True                # random horizontal and vertical flips
+  c.rot90 = True                # random multiples of 90 degrees
+  # Photometric (DINO).
+  c.color_jitter_p = 0.8
+  c.brightness = 0.4
+  c.contrast = 0.4
+  c.saturation = 0.2
+  c.hue = 0.1
+  c.grayscale_p = 0.2
+  c.blur_p = (1.0, 0.1, 0.5)    # global view 1, global view 2, local views
+  c.blur_sigma = (0.1, 2.0)
+  c.solarize_p = 0.2            # second global view only
+  c.stain_jitter = 0.0          # H&E stain jitter strength (0 = off; try 0.05)
+  # Loading.
+  c.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
+  c.prefetch_buffer = 2         # batches buffered per worker
+  c.detector = ml_collections.ConfigDict({'min_distance_um': 4.0, 'sigma_um': 1.5, 'threshold': 'otsu'})
+  if variant == 'lfov':
+    c.global_size, c.local_size = 512, 208
+    c.max_nuclei_global, c.max_nuclei_local = 1024, 256
+  elif variant != 'default':
+    raise ValueError(f'data config variant {variant!r}: expected "default" or "lfov".')
+  return c
+
+
+@dataclasses.dataclass
+class RegionList:
+  """An in-memory random-access source of region records (`image`, `coords`, `mpp`, `name`)."""
+  records: list
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.records[i]
+
+
+@dataclasses.dataclass
+class FolderRegions:
+  """Lazy source over image files: points from a sidecar file, else from the classical detector."""
+  paths: Sequence[str]
+  mpp: float
+  detector_kwargs: dict
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> dict:
+    from muse_jax.data import detect  # pylint: disable=g-import-not-at-top
+    path = pathlib.Path(self.paths[i])
+    image = readers.read_image(path)
+    pts = readers.find_points_file(path)
+    if pts is not None:
+      coords, _ = readers.read_points(pts, None, unknown_class='ignore')
+    else:
+      coords = detect.detect_nuclei(image, self.mpp, **self.detector_kwargs)
+    coords, _ = readers.drop_outside(coords, np.full(len(coords), -1), image.shape[:2], str(path))
+    return {'image': image, 'coords': coords, 'mpp': np.float32(self.mpp), 'name': path.stem}
+
+
+def samples_to_regions(samples: Sequence[readers.Sample]) -> RegionList:
+  """Wraps `Sample`s as region records (classes dropped)."""
+  return RegionList([{'image': s.image, 'coords': s.coords, 'mpp': np.float32(s.mpp), 'name': s.name}
+                     for s in samples])
+
+
+def open_pretrain_source(data_cfg: ml_collections.ConfigDict):
+  """Opens the random-access region source named by `data_cfg.source` (see the module docstring)."""
+  src = str(data_cfg.source)
+  kind, _, arg = src.partition(':')
+  if src == 'bundled' or kind == 'brca':
+    from muse_jax.data import bundled_sample_dir  # pylint: disable=g-import-not-at-top
+    root = bundled_sample_dir() if src == 'bundled' else pathlib.Path(arg)
+    return samples_to_regions(readers.read_brca_m2c(root, 'train') + readers.read_brca_m2c(root, 'val'))
+  if kind == 'tfds':
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    name, _, data_dir = arg.rpartition('@') if '@' in arg else ('regions', '', arg)
+    return tfds.data_source(name, data_dir=data_dir, split=str(data_cfg.split))
+  if kind == 'folder':
+    if data_cfg.region_mpp is None:
+      raise ValueError(f'source {src!r}: set data_cfg.region_mpp (µm/px of the images).')
+    paths = [str(p) for p in readers.list_images(arg)]
+    if not paths:
+      raise ValueError(f'source {src!r}: no image files found.')
+    return FolderRegions(paths, float(data_cfg.region_mpp), dict(data_cfg.detector))
+  raise ValueError(f'data source {src!r}: expected "bundled", "brca:PATH", "tfds:[NAME@]DATA_DIR" or "folder:PATH".')
+
+
+class _MakeViews(grain.transforms.RandomMap):
+  """Grain transform: one region record -> one multi-view example (per-record generator from Grain)."""
+
+  def __init__(self, cfg: dict):
+    self.cfg = cfg
+
+  def random_map(self, element: Any, rng: np.random.Generator) -> dict:
+    return views.make_views(element, rng, self.cfg)
+
+
+def _plain_cfg(data_cfg) -> dict:
+  d = data_cfg.to_dict() if hasattr(data_cfg, 'to_dict') else dict(data_cfg)
+  return d
+
+
+def make_pretrain_dataset(source, data_cfg: ml_collections.ConfigDict, *, seed: int, batch_size: int,
+                          process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The pretraining dataset: shuffled, repeated, multi-view, batched; a checkpointable Grain IterDataset.
+
+  Args:
+    source: random-access records (`open_pretrain_source`), each `image` uint8 [H,W,3], `coords` f32 [N,2],
+      `mpp` (unless `data_cfg.region_mpp` is set).
+    data_cfg: `default_data_config()`.
+    seed: shuffling and augmentation seed.
+    batch_size: per-host batch size (global batch / process_count).
+    process_index, process_count: this host's shard of the records.
+
+  Returns:
+    An IterDataset of host-local batches (module docstring), infinite; `iter(ds)` has `get_state`/`set_state`.
+  """
+  if len(source) == 0:
+    raise ValueError('make_pretrain_dataset: the source has no records.')
+  if process_count > len(source):
+    raise ValueError(f'{process_count} processes but only {len(source)} records.')
+  cfg = _plain_cfg(data_cfg)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.seed(seed).shuffle().repeat()
+  ds = ds.random_map(_MakeViews(cfg))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  it = ds.to_iter_dataset()
+  if cfg['num_workers'] > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg['num_workers']),
+                                                     per_worker_buffer_size=int(cfg['prefetch_buffer'])))
+  return it
+
+
+def to_global_arrays(batch: dict, mesh, axis: str | tuple[str, ...] = 'data') -> dict:
+  """Host-local numpy batch -> global `jax.Array`s sharded over `axis` of `mesh` (leading batch dimension)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

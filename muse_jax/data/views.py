@@ -1,0 +1,263 @@
+"""MPP-based multi-view cropping and augmentations for MUSE pretraining (spec §3.2, §3.3), in numpy + PIL.
+
+A *region* is an image `[H, W, 3]` uint8 at `region_mpp` µm/px with nucleus coordinates `[N, 2]` (x, y); nucleus
+`i` has id `i` (its row), and that id follows it into every view.
+
+Geometry (all in the PIL/edge convention internally, pixel centres at integers for coordinates):
+* A view of `size` px at `mpp` µm/px covers `size * mpp` µm, i.e. `fov = size * mpp / region_mpp` region pixels.
+* Its top-left corner `(x0, y0)` (region pixel edges, float) is drawn so that the view lies inside the region. If the
+  region is smaller than `fov` along an axis, the view is centred on the region along that axis and the missing
+  pixels are filled with `pad_mode` ('reflect' by default, 'constant' = white slide background). No view is ever
+  stretched: the aspect ratio and the mpp are exact. Padded (mirrored) tissue carries no nucleus coordinates.
+* Region coordinates map to view coordinates as `x_view = (x + 0.5 - x0) * region_mpp / mpp - 0.5`
+  (so coordinates scale by `region_mpp / mpp`). A nucleus is kept when its nearest view pixel exists:
+  `-0.5 <= x_view < size - 0.5` (same for y).
+* Local views are centred on a point drawn uniformly inside one randomly chosen global view (then clipped to the
+  region), so that local and global views share nuclei (spec §3.2, "making views overlap").
+* Geometric augmentation per view: horizontal flip `x -> size - 1 - x`, vertical flip `y -> size - 1 - y`,
+  90° rotation counter-clockwise (`np.rot90`) `(x, y) -> (y, size - 1 - x)`.
+* Photometric augmentation per view (DINO): colour jitter (brightness, contrast, saturation, hue; random order;
+  hue is a rotation of the chroma plane in YIQ space, an approximation of torchvision's HSV hue shift), grayscale,
+  Gaussian blur (PIL, sigma in `blur_sigma`), solarisation (x >= 128 -> 255 - x), optional H&E stain jitter
+  (scale/shift of the haematoxylin/eosin/DAB optical densities, skimage `rgb2hed`/`hed2rgb`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+# ----------------------------------------------------------------------------------------------------- geometry
+
+
+def sample_mpp(rng: np.random.Generator, dist: str, mpp_range=(0.25, 0.5), choices=(0.25, 0.5)) -> float:
+  """Draws one view mpp: 'uniform' or 'loguniform' on `mpp_range`, or 'discrete' from `choices` (uniformly)."""
+  lo, hi = float(mpp_range[0]), float(mpp_range[1])
+  if dist == 'uniform':
+    return float(rng.uniform(lo, hi))
+  if dist == 'loguniform':
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+  if dist == 'discrete':
+    return float(choices[int(rng.integers(len(choices)))])
+  raise ValueError(f'mpp_dist {dist!r}: expected "uniform", "loguniform" or "discrete".')
+
+
+def place_view(rng: np.random.Generator, region_hw: tuple[int, int], fov: float,
+               center: tuple[float, float] | None = None) -> tuple[float, float]:
+  """Top-left `(x0, y0)` (region pixel edges) of a `fov` x `fov` window.
+
+  Uniform inside the region when `center` is None, else centred on `center` (edge coordinates) and clipped to
+  the region. Along an axis where the region is smaller than `fov`, the window is centred on the region.
+  """
+  out = []
+  for axis, extent in enumerate((region_hw[1], region_hw[0])):
+    if extent <= fov:
+      out.append((extent - fov) / 2.0)
+    elif center is None:
+      out.append(float(rng.uniform(0.0, extent - fov)))
+    else:
+      out.append(float(np.clip(center[axis] - fov / 2.0, 0.0, extent - fov)))
+  return out[0], out[1]
+
+
+def crop_resize(image: np.ndarray, x0: float, y0: float, fov: float, size: int, pad_mode: str = 'reflect',
+                resample: int = Image.BILINEAR) -> np.ndarray:
+  """Cuts the `fov` x `fov` window at `(x0, y0)` (edge coordinates) and resizes it to `size` x `size` (uint8).
+
+  Pixels outside the image are filled with `pad_mode` ('reflect' or 'constant' = 255).
+  """
+  h, w = image.shape[:2]
+  pl, pt = max(0, math.ceil(-x0)), max(0, math.ceil(-y0))
+  pr, pb = max(0, math.ceil(x0 + fov - w)), max(0, math.ceil(y0 + fov - h))
+  # Only the part of the image that the box touches (+1 px for the filter) is converted.
+  cx0, cy0 = max(0, int(math.floor(x0)) - 2), max(0, int(math.floor(y0)) - 2)
+  cx1, cy1 = min(w, int(math.ceil(x0 + fov)) + 2), min(h, int(math.ceil(y0 + fov)) + 2)
+  sub = image[cy0:cy1, cx0:cx1]
+  if pl or pt or pr or pb:
+    if pad_mode == 'constant':
+      sub = np.pad(sub, ((pt, pb), (pl, pr), (0, 0)), mode='constant', constant_values=255)
+    elif pad_mode == 'reflect':
+      sub = np.pad(sub, ((pt, pb), (pl, pr), (0, 0)), mode='reflect' if min(sub.shape[:2]) > 1 else 'edge')
+    else:
+      raise ValueError(f'pad_mode {pad_mode!r}: expected "reflect" or "constant".')
+  bx, by = x0 - cx0 + pl, y0 - cy0 + pt
+  im = Image.fromarray(np.ascontiguousarray(sub))
+  return np.asarray(im.resize((size, size), resample, box=(bx, by, bx + fov, by + fov)), dtype=np.uint8)
+
+
+def map_coords(coords: np.ndarray, x0: float, y0: float, fov: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Region coords [N,2] -> view coords [N,2] (float32) and the boolean `inside` mask [N]."""
+  s = size / fov
+  out = ((np.asarray(coords, np.float32) + 0.5 - np.array([x0, y0], np.float32)) * s - 0.5).astype(np.float32)
+  inside = ((out >= -0.5) & (out < size - 0.5)).all(axis=1)
+  return out, inside
+
+
+def flip_rotate(image: np.ndarray, coords: np.ndarray, hflip: bool, vflip: bool, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Applies h-flip, v-flip, then `k` counter-clockwise 90° rotations to a square view and its coords."""
+  size = image.shape[0]
+  c = np.array(coords, np.float32, copy=True)
+  if hflip:
+    image = image[:, ::-1]
+    c[:, 0] = size - 1 - c[:, 0]
+  if vflip:
+    image = image[::-1]
+    c[:, 1] = size - 1 - c[:, 1]
+  for _ in range(k % 4):
+    image = np.rot90(image)
+    c = np.stack([c[:, 1], size - 1 - c[:, 0]], axis=1)
+  return np.ascontiguousarray(image), c.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- photometric
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_YIQ2RGB = np.linalg.inv(_RGB2YIQ).astype(np.float32)
+
+
+def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float, saturation: float,
+                 hue: float) -> np.ndarray:
+  """DINO/torchvision-style colour jitter on float32 [H,W,3] in [0,255], ops in random order, clipped after each."""
+  order = rng.permutation(4)
+  for op in order:
+    if op == 0 and brightness > 0:
+      img = np.clip(img * rng.uniform(1 - brightness, 1 + brightness), 0, 255)
+    elif op == 1 and contrast > 0:
+      m = float((img @ _LUMA).mean())
+      img = np.clip((img - m) * rng.uniform(1 - contrast, 1 + contrast) + m, 0, 255)
+    elif op == 2 and saturation > 0:
+      g = (img @ _LUMA)[..., None]
+      img = np.clip((img - g) * rng.uniform(1 - saturation, 1 + saturation) + g, 0, 255)
+    elif op == 3 and hue > 0:
+      theta = 2 * np.pi * rng.uniform(-hue, hue)
+      c, s = np.cos(theta), np.sin(theta)
+      rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+      m = (_YIQ2RGB @ rot @ _RGB2YIQ).T.astype(np.float32)
+      img = np.clip(img @ m, 0, 255)
+  return img
+
+
+def stain_jitter(img_u8: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+  """H&E stain jitter: each HED optical-density channel is scaled by U(1-s, 1+s) and shifted by U(-s, s)*0.05."""
+  from skimage.color import hed2rgb, rgb2hed  # pylint: disable=g-import-not-at-top
+  hed = rgb2hed(img_u8)
+  alpha = rng.uniform(1 - strength, 1 + strength, size=3)
+  beta = rng.uniform(-strength, strength, size=3) * 0.05
+  rgb = hed2rgb(hed * alpha + beta)
+  return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def photometric(img_u8: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any], *, blur_p: float,
+                solarize_p: float) -> np.ndarray:
+  """The per-view photometric pipeline: stain jitter, colour jitter, grayscale, blur, solarise. uint8 in/out."""
+  img = img_u8
+  if cfg.get('stain_jitter', 0.0) > 0:
+    img = stain_jitter(img, rng, float(cfg['stain_jitter']))
+  f = None
+  if rng.uniform() < cfg['color_jitter_p']:
+    f = color_jitter(img.astype(np.float32), rng, cfg['brightness'], cfg['contrast'], cfg['saturation'], cfg['hue'])
+  if rng.uniform() < cfg['grayscale_p']:
+    f = img.astype(np.float32) if f is None else f
+    f = np.repeat((f @ _LUMA)[..., None], 3, axis=-1)
+  if f is not None:
+    img = (f + 0.5).astype(np.uint8)
+  if rng.uniform() < blur_p:
+    sigma = rng.uniform(*cfg['blur_sigma'])
+    img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
+  if rng.uniform() < solarize_p:
+    img = np.where(img >= 128, 255 - img, img).astype(np.uint8)
+  return np.ascontiguousarray(img)
+
+
+# ----------------------------------------------------------------------------------------------------- views
+
+
+def pad_nuclei(coords: np.ndarray, ids: np.ndarray, max_nuclei: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads (or randomly subsamples) to `max_nuclei`: coords [M,2] f32 (0 at pads), ids [M] i32 (-1), mask [M] bool."""
+  n = len(ids)
+  if n > max_nuclei:
+    sel = np.sort(rng.choice(n, max_nuclei, replace=False))
+    coords, ids, n = coords[sel], ids[sel], max_nuclei
+  c = np.zeros((max_nuclei, 2), np.float32)
+  i = np.full((max_nuclei,), -1, np.int32)
+  m = np.zeros((max_nuclei,), bool)
+  c[:n], i[:n], m[:n] = coords, ids, True
+  return c, i, m
+
+
+def _one_view(image, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_nuclei, blur_p, solarize_p):
+  fov = size * mpp / region_mpp
+  x0, y0 = place_view(rng, image.shape[:2], fov, center)
+  view = crop_resize(image, x0, y0, fov, size, cfg['pad_mode'])
+  vc, inside = map_coords(coords, x0, y0, fov, size)
+  vc, vid = vc[inside], ids[inside]
+  hflip = bool(cfg['flips']) and rng.uniform() < 0.5
+  vflip = bool(cfg['flips']) and rng.uniform() < 0.5
+  k = int(rng.integers(4)) if cfg['rot90'] else 0
+  view, vc = flip_rotate(view, vc, hflip, vflip, k)
+  view = photometric(view, rng, cfg, blur_p=blur_p, solarize_p=solarize_p)
+  c, i, m = pad_nuclei(vc, vid, max_nuclei, rng)
+  return view, c, i, m, (x0, y0, fov)
+
+
+def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping[str, Any]) -> dict:
+  """Turns one region record into MUSE's multi-view training example.
+
+  Args:
+    record: `image` uint8 [H,W,3]; `coords` float32 [N,2] (x, y) region pixels; optional `mpp` (used when
+      `cfg.region_mpp` is None).
+    rng: the record's generator (Grain `random_map` gives one per record).
+    cfg: the data config (`pipeline.default_data_config()`).
+
+  Returns:
+    `{'global': {'images': uint8 [Vg,G,G,3], 'coords': f32 [Vg,Mg,2], 'ids': i32 [Vg,Mg], 'mask': bool [Vg,Mg],
+    'mpp': f32 [Vg]}, 'local': {... [Vl, L, ...], Ml}}` ('local' absent when n_local == 0).
+  """
+  image = np.asarray(record['image'], np.uint8)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f'region image has shape {image.shape}, expected [H, W, 3].')
+  coords = np.asarray(record['coords'], np.float32).reshape(-1, 2)
+  ids = np.arange(len(coords), dtype=np.int32)
+  region_mpp = cfg['region_mpp'] if cfg['region_mpp'] is not None else float(np.asarray(record['mpp']))
+  blur_g1, blur_g2, blur_l = cfg['blur_p']
+  out = {}
+  boxes = []
+  groups = [('global', cfg['n_global'], cfg['global_size'], cfg['max_nuclei_global'])]
+  if cfg['n_local'] > 0:
+    groups.append(('local', cfg['n_local'], cfg['local_size'], cfg['max_nuclei_local']))
+  for group, n, size, max_n in groups:
+    ims, cs, is_, ms, mpps = [], [], [], [], []
+    for v in range(n):
+      mpp = sample_mpp(rng, cfg['mpp_dist'], cfg['mpp_range'], cfg['mpp_choices'])
+      if group == 'global':
+        center, blur_p = None, (blur_g1 if v == 0 else blur_g2)
+        sol_p = cfg['solarize_p'] if v == 1 else 0.0
+      else:
+        center, blur_p, sol_p = None, blur_l, 0.0
+        if cfg['local_in_global'] and boxes:
+          gx0, gy0, gf = boxes[int(rng.integers(len(boxes)))]
+          center = (gx0 + rng.uniform(0, gf), gy0 + rng.uniform(0, gf))
+      im, c, i, m, box = _one_view(image, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_n, blur_p, sol_p)
+      if group == 'global':
+        boxes.append(box)
+      ims.append(im), cs.append(c), is_.append(i), ms.append(m), mpps.append(mpp)
+    out[group] = {'images': np.stack(ims), 'coords': np.stack(cs), 'ids': np.stack(is_), 'mask': np.stack(ms),
+                  'mpp': np.asarray(mpps, np.float32)}
+  return out
+
+
+def shared_nuclei(example: Mapping[str, Any]) -> np.ndarray:
+  """Number of nuclei shared by each (global, local) view pair of one example: int [Vg, Vl]."""
+  g, l = example['global'], example['local']
+  out = np.zeros((g['ids'].shape[0], l['ids'].shape[0]), np.int64)
+  for a in range(out.shape[0]):
+    ga = set(g['ids'][a][g['mask'][a]].tolist())
+    for b in range(out.shape[1]):
+      out[a, b] = len(ga.intersection(l['ids'][b][l['mask'][b]].tolist()))
+  return out
