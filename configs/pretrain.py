@@ -1,0 +1,131 @@
+r"""MUSE pretraining configs (DINO image loss + NuLo nucleus loss, EMA teacher).
+
+Variants (`--config configs/pretrain.py:VARIANT`):
+  * `tiny`: 4-block ViT (embed 64), 2 x 64 px global + 2 x 32 px local views, small heads; minutes on a 2-core CPU
+    (tests and `make demo`).
+  * `vit_s16`, `vit_b16`: spec §3.6-3.7 defaults (2 x 224 + 8 x 96 views, K_cls 65536, K_nu 8192, DINO optimiser
+    recipe), 100 epochs, global batch 512.
+  * `r50`: ResNet-50 backbone with the same recipe (no drop-path).
+  * `lfov_vit_b16`: large field of view, 2 x 512 + 4 x 208 views (spec §3.6).
+
+Launch (one host; any number of local devices):
+
+  python -m muse_jax.main --config configs/pretrain.py:tiny --workdir runs/tiny
+  python -m muse_jax.main --config configs/pretrain.py:vit_s16 --workdir gs://BUCKET/muse/vit_s16 \
+      --config.data.data_dir=gs://BUCKET/data --config.batch_size=1024
+  # ablations are configs, not code edits:
+  python -m muse_jax.main --config configs/pretrain.py:vit_s16 --workdir runs/img_only --config.loss.w_nu=0
+  python -m muse_jax.main --config configs/pretrain.py:vit_s16 --workdir runs/nulo_only --config.loss.w_image=0
+
+Restarting the same command on the same workdir resumes from the latest checkpoint. Multi-host (TPU pod slice,
+multi-node GPU): run the same command on every host with `--multihost` (see WORKSPACE.md). Export the teacher
+backbone with `python -m muse_jax.export --workdir DIR --out DIR/export`.
+
+Every hyper-parameter is a field; ConfigDicts are type-safe, so `--config.batch_size=abc` fails at start.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs import models as models_cfg
+from muse_jax.data import pipeline
+
+VARIANTS = ("tiny", "vit_s16", "vit_b16", "r50", "lfov_vit_b16")
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  """Returns the pretraining config of `variant` (one of `VARIANTS`)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"configs/pretrain.py: unknown variant {variant!r}; expected one of {VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  model_variant = {"tiny": "tiny", "vit_s16": "vit_s16", "vit_b16": "vit_b16", "r50": "r50",
+                   "lfov_vit_b16": "vit_b16"}[variant]
+  c.model = models_cfg.get_config(model_variant)
+  c.drop_path_rate = 0.0 if variant == "r50" else 0.1  # student only; the teacher always uses 0
+
+  # Data. data_source: 'pipeline' (muse_jax.data.pipeline over config.data; config.data.source says which records:
+  # 'bundled', 'brca:PATH', 'tfds:[NAME@]DATA_DIR', 'folder:PATH') or 'synthetic' (random images and nuclei).
+  c.data_source = "pipeline"
+  c.data = pipeline.default_data_config("lfov" if variant.startswith("lfov") else "default")
+  c.synthetic_region_nuclei = 32  # nuclei per synthetic region (data_source='synthetic' only)
+  c.batch_size = 512  # GLOBAL batch (regions per step); must be a multiple of the device count
+
+  # Length. steps_per_epoch = -1: len(dataset) // batch_size. total_steps = -1: num_epochs * steps_per_epoch.
+  c.num_epochs = 100
+  c.steps_per_epoch = -1
+  c.total_steps = -1
+
+  # Heads (spec §2.7; DINOHead: in -> hidden -> hidden -> bottleneck, L2-norm, weight-normed last layer -> K).
+  c.heads = ml_collections.ConfigDict()
+  c.heads.cls_out_dim = 65536
+  c.heads.nu_out_dim = 8192
+  c.heads.hidden_dim = 2048
+  c.heads.bottleneck_dim = 256
+  c.heads.num_layers = 3
+  c.heads.norm_last_layer = True
+  c.heads.last_layer_name = "last_layer"  # the module name frozen during the first epoch(s)
+
+  # Loss = w_image * L_image + w_nu * L_nu; a 0 weight removes that head and skips its computation.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.w_image = 1.0
+  c.loss.w_nu = 1.0
+
+  # Optimisation (spec §3.7, DINO defaults).
+  o = c.optim = ml_collections.ConfigDict()
+  o.base_lr = 5e-4  # peak lr = base_lr * batch_size / 256 when scale_lr
+  o.scale_lr = True
+  o.min_lr = 1e-6
+  o.warmup_epochs = 10.0
+  o.weight_decay = 0.04
+  o.weight_decay_end = 0.4
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.clip_grad = 3.0  # global-norm clipping; 0 disables
+  o.freeze_last_layer_epochs = 1.0
+  o.momentum_teacher = 0.996
+  o.momentum_teacher_end = 1.0
+  o.warmup_teacher_temp = 0.04
+  o.teacher_temp = 0.07
+  o.warmup_teacher_temp_epochs = 30.0
+  o.student_temp = 0.1
+  o.center_momentum = 0.9
+
+  # Parallelism: mesh ('data', 'fsdp'); data=-1 takes all devices left after fsdp.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
+
+  # Checkpoints / logging.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.log_every_steps = 50
+  c.progress_bar = True
+
+  if variant == "tiny":
+    c.data.n_global, c.data.global_size = 2, 64
+    c.data.n_local, c.data.local_size = 2, 32
+    c.data.max_nuclei_global, c.data.max_nuclei_local = 32, 16
+    c.batch_size = 8
+    c.num_epochs = 10
+    c.steps_per_epoch = 10
+    c.heads.cls_out_dim = 256
+    c.heads.nu_out_dim = 128
+    c.heads.hidden_dim = 128
+    c.heads.bottleneck_dim = 32
+    c.optim.base_lr = 5e-3
+    c.optim.scale_lr = False
+    c.optim.warmup_epochs = 1.0
+    c.optim.warmup_teacher_temp_epochs = 2.0
+    c.optim.momentum_teacher = 0.99
+    c.checkpoint_every_steps = 50
+    c.log_every_steps = 5
+  elif variant == "lfov_vit_b16":
+    c.data.n_global, c.data.global_size = 2, 512
+    c.data.n_local = 4
+    c.batch_size = 256
+  return c

@@ -1,0 +1,164 @@
+"""Pure loss functions for MUSE pretraining (DINO image loss, NuLo nucleus loss, centers, temperature schedule).
+
+Conventions: `K` is the number of prototypes of a head, `B` the per-step batch (global batch inside jit), `Vg` the
+number of global views (the teacher sees only those), `Vs = Vg + Vl` the number of student views, ordered globals
+first then locals. Teacher logits are *not* yet centred or sharpened; the functions below do it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_steps: int):
+  """DINO teacher temperature: linear warm-up `warmup_temp -> temp` over `warmup_steps`, then constant.
+
+  Returns:
+    A function `step -> float32 scalar` usable inside jit.
+  """
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if warmup_steps <= 0:
+      return jnp.asarray(temp, jnp.float32)
+    frac = jnp.clip(step / float(warmup_steps), 0.0, 1.0)
+    return jnp.asarray(warmup_temp + frac * (temp - warmup_temp), jnp.float32)
+  return schedule
+
+
+def teacher_probs(logits: jax.Array, center: jax.Array, temperature) -> jax.Array:
+  """Centred, sharpened teacher distribution `softmax((logits - center) / temperature)`; float32 [..., K]."""
+  logits = logits.astype(jnp.float32)
+  return jax.nn.softmax((logits - center) / temperature, axis=-1)
+
+
+def student_log_probs(logits: jax.Array, temperature) -> jax.Array:
+  """Student log-distribution `log_softmax(logits / temperature)`; float32 [..., K]."""
+  return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def dino_loss(teacher_logits: jax.Array, student_logits: jax.Array, center: jax.Array, teacher_temp,
+              student_temp) -> jax.Array:
+  """Image-level DINO cross-entropy.
+
+  Every teacher global view `i` is compared with every student view `j != i` (student views `0..Vg-1` are the same
+  global crops as the teacher's, the rest are local crops). The teacher side is stop-gradiented.
+
+  Args:
+    teacher_logits: [Vg, B, K] teacher CLS-head logits on the global views.
+    student_logits: [Vs, B, K] student CLS-head logits on all views, globals first.
+    center: [K] teacher center.
+    teacher_temp: scalar teacher temperature.
+    student_temp: scalar student temperature.
+
+  Returns:
+    Scalar float32: mean over (pairs, batch) of `-sum_k P_t log P_s`.
+  """
+  vg, vs = teacher_logits.shape[0], student_logits.shape[0]
+  if vs < vg:
+    raise ValueError(f"student has {vs} views, fewer than the teacher's {vg} global views")
+  p_t = jax.lax.stop_gradient(teacher_probs(teacher_logits, center, teacher_temp))  # [Vg,B,K]
+  log_p_s = student_log_probs(student_logits, student_temp)  # [Vs,B,K]
+  ce = -jnp.einsum("ibk,jbk->ijb", p_t, log_p_s)  # [Vg,Vs,B]
+  pair_mask = 1.0 - np.eye(vg, vs, dtype=np.float32)  # j != i
+  n_pairs = float(pair_mask.sum())
+  if n_pairs == 0:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sum(ce.mean(-1) * pair_mask) / n_pairs
+
+
+def match_nuclei(teacher_ids: jax.Array, teacher_mask: jax.Array, student_ids: jax.Array,
+                 student_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Matches the nuclei of one teacher view to those of one student view by id.
+
+  Ids are unique within a view (padding has id -1 and mask False).
+
+  Args:
+    teacher_ids: [B, Mi] int ids of teacher-view nuclei.
+    teacher_mask: [B, Mi] bool validity.
+    student_ids: [B, Mj] int ids of student-view nuclei.
+    student_mask: [B, Mj] bool validity.
+
+  Returns:
+    `(index, matched)`: index [B, Mi] int32 position in the student view of the same nucleus (0 when unmatched),
+    matched [B, Mi] bool, True where the teacher nucleus is valid and present (valid) in the student view.
+  """
+  eq = ((teacher_ids[:, :, None] == student_ids[:, None, :]) & teacher_mask[:, :, None]
+        & student_mask[:, None, :])  # [B,Mi,Mj]
+  matched = jnp.any(eq, axis=-1)
+  index = jnp.argmax(eq, axis=-1).astype(jnp.int32)
+  return index, matched
+
+
+def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Array], teacher_masks: Sequence[jax.Array],
+              student_logits: Sequence[jax.Array], student_ids: Sequence[jax.Array], student_masks: Sequence[jax.Array],
+              center: jax.Array, teacher_temp, student_temp) -> dict[str, jax.Array]:
+  """Nucleus-level NuLo loss over all (teacher view i, student view j != i) pairs.
+
+  For each pair the nuclei present in both views (same id, both valid) are matched; the cross-entropy between the
+  teacher's centred/sharpened nucleus distribution in view i and the student's in view j is averaged over the
+  matched nuclei of the pair, then over the valid (pair, sample) combinations. A (pair, sample) with no shared
+  nucleus is masked out (contributes 0, never NaN); if nothing matches at all the loss is 0.
+
+  Args:
+    teacher_logits: Vg arrays [B, M_i, K] (nucleus-head logits of teacher global view i).
+    teacher_ids: Vg arrays [B, M_i] int32 nucleus ids (-1 = pad).
+    teacher_masks: Vg arrays [B, M_i] bool.
+    student_logits: Vs arrays [B, M_j, K], student views globals first (view j < Vg is the teacher's view j).
+    student_ids: Vs arrays [B, M_j].
+    student_masks: Vs arrays [B, M_j].
+    center: [K] nucleus-head center.
+    teacher_temp: scalar teacher temperature.
+    student_temp: scalar student temperature.
+
+  Returns:
+    dict with `loss` (scalar), `shared` (mean number of shared nuclei per (pair, sample), scalar),
+    `valid_frac` (fraction of (pair, sample) with >= 1 shared nucleus), `center_sum` ([K] sum of the raw teacher
+    logits of the nuclei matched in at least one pair) and `center_count` (scalar number of those nuclei), from which
+    the caller updates the center.
+  """
+  total = jnp.zeros((), jnp.float32)
+  n_valid = jnp.zeros((), jnp.float32)
+  n_shared = jnp.zeros((), jnp.float32)
+  n_pairs = 0
+  k = center.shape[-1]
+  center_sum = jnp.zeros((k,), jnp.float32)
+  center_count = jnp.zeros((), jnp.float32)
+  s_logp = [student_log_probs(s, student_temp) for s in student_logits]
+  for i, (t_logit, t_id, t_m) in enumerate(zip(teacher_logits, teacher_ids, teacher_masks)):
+    p_t = jax.lax.stop_gradient(teacher_probs(t_logit, center, teacher_temp))  # [B,Mi,K]
+    any_match = jnp.zeros(t_id.shape, bool)
+    for j, (lp_s, s_id, s_m) in enumerate(zip(s_logp, student_ids, student_masks)):
+      if j == i:
+        continue
+      index, matched = match_nuclei(t_id, t_m, s_id, s_m)
+      lp_aligned = jnp.take_along_axis(lp_s, index[..., None], axis=1)  # [B,Mi,K]
+      ce = -jnp.sum(p_t * lp_aligned, axis=-1)  # [B,Mi]
+      w = matched.astype(jnp.float32)
+      count = w.sum(-1)  # [B]
+      pair_loss = jnp.sum(ce * w, -1) / jnp.maximum(count, 1.0)  # [B]
+      valid = (count > 0).astype(jnp.float32)
+      total = total + jnp.sum(pair_loss * valid)
+      n_valid = n_valid + valid.sum()
+      n_shared = n_shared + count.sum()
+      n_pairs += count.shape[0]
+      any_match = any_match | matched
+    am = any_match.astype(jnp.float32)
+    center_sum = center_sum + jnp.einsum("bm,bmk->k", am, jax.lax.stop_gradient(t_logit.astype(jnp.float32)))
+    center_count = center_count + am.sum()
+  loss = total / jnp.maximum(n_valid, 1.0)
+  return {
+      "loss": loss,
+      "shared": n_shared / max(n_pairs, 1),
+      "valid_frac": n_valid / max(n_pairs, 1),
+      "center_sum": center_sum,
+      "center_count": center_count,
+  }
+
+
+def update_center(center: jax.Array, batch_mean: jax.Array, momentum: float, has_data=True) -> jax.Array:
+  """Center EMA `c <- m c + (1 - m) mean`; kept unchanged where `has_data` is False. Shapes [K]."""
+  new = momentum * center + (1.0 - momentum) * jax.lax.stop_gradient(batch_mean)
+  return jnp.where(has_data, new, center)
