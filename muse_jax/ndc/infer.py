@@ -1,0 +1,320 @@
+"""NDC inference: batched jit forward, score threshold, point NMS (radius in µm), sliding windows over large images.
+
+`Predictor` is the object whole-slide inference uses:
+
+    pred = Predictor.from_checkpoint("runs/ndc/export")      # or the fine-tuning workdir
+    pred.class_names, pred.mpp, pred.window                 # what the model expects
+    dets = pred.predict_tiles(tiles)    # tiles uint8 [B, window, window, 3] at pred.mpp
+    # -> [{'points': [K,2] (x,y) tile px, 'classes': [K] int, 'scores': [K]}]  (thresholded, NMS per tile)
+    det = pred.predict_image(image, mpp=0.5)                 # any size; sliding windows + seam de-duplication
+
+Documented handling of awkward input:
+- image smaller than the window: padded (reflect, or white if the image is tiny) to the window; points in the
+  padding are dropped.
+- nothing found: empty arrays (`points` [0, 2]), never an error.
+- `mpp` of the image differs from the model's by more than `mpp_tolerance` (10 %): the image is resampled to the
+  model's mpp and the points mapped back to the input's pixels (`rescale=False` raises instead); a non-positive,
+  non-finite or implausible mpp (outside [0.05, 20] µm/px) raises `ValueError`.
+- class names given by the caller that differ from the checkpoint's: `ValueError` naming both lists.
+
+Seams: windows overlap by `overlap` px. Each window keeps only the points in the part of the image it owns (the
+overlaps are split at their middle), so no location is reported by two windows; a final image-level point NMS
+(same radius) merges one nucleus seen at slightly different positions on the two sides of a boundary.
+
+Checkpoint layout (written by `save_predictor`, read by `from_checkpoint`): `ndc_config.json` (model config, head
+config, class names, mpp, inference defaults) and `variables/` (Orbax, `{'params', 'batch_stats'}` of `NDCModel`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from scipy.spatial import cKDTree
+
+from muse_jax import ops
+from muse_jax.ndc import head as head_lib
+
+CONFIG_FILE = "ndc_config.json"
+VARIABLES_DIR = "variables"
+MPP_RANGE = (0.05, 20.0)
+
+
+def point_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
+  """Greedy point NMS: by descending score, keep a point and drop every other point within `radius` px.
+
+  Returns:
+    indices of the kept points, highest score first.
+  """
+  points = np.asarray(points, np.float64).reshape(-1, 2)
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  if len(points) == 0:
+    return np.zeros(0, np.int64)
+  order = np.argsort(-scores, kind="stable")
+  if radius <= 0:
+    return order
+  tree = cKDTree(points)
+  alive = np.ones(len(points), bool)
+  keep = []
+  for i in order:
+    if not alive[i]:
+      continue
+    keep.append(i)
+    alive[tree.query_ball_point(points[i], r=radius)] = False
+  return np.asarray(keep, np.int64)
+
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+  """Start offsets of windows of size `window` covering [0, length) with at least `overlap` px overlap."""
+  if length <= window:
+    return [0]
+  step = window - overlap
+  if step <= 0:
+    raise ValueError(f"overlap: got {overlap}, expected less than the window ({window})")
+  starts = list(range(0, length - window, step)) + [length - window]
+  return sorted(set(starts))
+
+
+def ownership_bounds(starts: Sequence[int], window: int) -> list[tuple[float, float]]:
+  """Half-open [lo, hi) range each window owns: neighbouring windows split their overlap at its middle."""
+  bounds = []
+  for i, s in enumerate(starts):
+    lo = -math.inf if i == 0 else (starts[i - 1] + window + s) / 2.0
+    hi = math.inf if i == len(starts) - 1 else (s + window + starts[i + 1]) / 2.0
+    bounds.append((lo, hi))
+  return bounds
+
+
+def _empty() -> dict[str, np.ndarray]:
+  return {"points": np.zeros((0, 2), np.float32), "classes": np.zeros(0, np.int32), "scores": np.zeros(0, np.float32)}
+
+
+def check_mpp(mpp: Any, what: str = "mpp") -> float:
+  try:
+    v = float(mpp)
+  except (TypeError, ValueError):
+    raise ValueError(f"{what}: got {mpp!r}, expected a number of µm per pixel") from None
+  if not math.isfinite(v) or not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
+    raise ValueError(f"{what}: got {mpp!r} µm/px, expected a value in [{MPP_RANGE[0]}, {MPP_RANGE[1]}] "
+                     "(0.25 is 40x, 0.5 is 20x)")
+  return v
+
+
+def _resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+
+
+def save_predictor(path: str | os.PathLike, model_cfg: Any, head_cfg: Any, class_names: Sequence[str], mpp: float,
+                   variables: dict[str, Any], infer_cfg: Any | None = None, extra: dict[str, Any] | None = None
+                   ) -> epath.Path:
+  """Writes an NDC checkpoint directory (see the module docstring). Returns its path."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  path = epath.Path(os.path.abspath(os.fspath(path)))
+  path.mkdir(parents=True, exist_ok=True)
+  var_dir = path / VARIABLES_DIR
+  if var_dir.exists():
+    var_dir.rmtree()
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
+                      {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")})
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(var_dir, host)
+  ckptr.wait_until_finished()
+  to_dict = lambda c: c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c or {})  # noqa: E731
+  cfg = {"model": to_dict(model_cfg), "head": to_dict(head_cfg), "class_names": list(class_names),
+         "mpp": float(mpp), "infer": to_dict(infer_cfg), "extra": extra or {}}
+  (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+  return path
+
+
+class Predictor:
+  """Batched, jit-compiled NDC inference for tiles and whole images (see the module docstring).
+
+  Attributes:
+    class_names: names of the classes, index = class id.
+    mpp: µm/px the model works at.
+    window: tile side (px) `predict_image` feeds the model; `predict_tiles` expects tiles of this side.
+    overlap: sliding-window overlap in px.
+    batch_size: tiles per jit call (the batch is padded to this size so one compile serves all calls).
+    score_threshold: minimum max-foreground probability of a kept point.
+    nms_radius_um: point-NMS radius in µm.
+    max_detections: proposals kept per tile before NMS (top-k on device).
+  """
+
+  def __init__(self, model_cfg: Any, head_cfg: Any, variables: dict[str, Any], class_names: Sequence[str],
+               mpp: float, *, window: int = 256, overlap: int = 32, batch_size: int = 8,
+               score_threshold: float = 0.5, nms_radius_um: float = 3.0, max_detections: int = 4096,
+               mpp_tolerance: float = 0.1):
+    self.model_cfg = model_cfg
+    self.head_cfg = head_cfg
+    self.class_names = [str(c) for c in class_names]
+    self.mpp = check_mpp(mpp, "checkpoint mpp")
+    self.module = head_lib.build_model(model_cfg, head_cfg, len(self.class_names))
+    self.multiple = math.lcm(head_lib.input_multiple(model_cfg), int(head_cfg.stride))
+    if window % self.multiple:
+      raise ValueError(f"window: got {window}, expected a multiple of {self.multiple}")
+    if not 0 <= overlap < window:
+      raise ValueError(f"overlap: got {overlap}, expected 0 <= overlap < window ({window})")
+    self.window, self.overlap, self.batch_size = int(window), int(overlap), int(batch_size)
+    self.score_threshold, self.nms_radius_um = float(score_threshold), float(nms_radius_um)
+    self.max_detections, self.mpp_tolerance = int(max_detections), float(mpp_tolerance)
+    self.variables = jax.device_put({k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")})
+    module, C = self.module, len(self.class_names)
+
+    def forward(variables, tiles):
+      out = module.apply(variables, ops.normalize_images(tiles), train=False)
+      probs = jax.nn.softmax(out["logits"].astype(jnp.float32), -1)[..., :C]
+      scores = jnp.max(probs, -1)
+      k = min(self.max_detections, scores.shape[1])
+      top, idx = jax.lax.top_k(scores, k)
+      pts = jnp.take_along_axis(out["points"], idx[..., None], 1)
+      cls = jnp.take_along_axis(jnp.argmax(probs, -1), idx, 1)
+      return pts, cls.astype(jnp.int32), top
+
+    self._forward = jax.jit(forward)
+
+  # ------------------------------------------------------------------------------------------------ loading
+  @classmethod
+  def from_checkpoint(cls, path: str | os.PathLike, **overrides: Any) -> "Predictor":
+    """Loads an NDC checkpoint directory (or a fine-tuning workdir holding `export/`).
+
+    Args:
+      path: directory with `ndc_config.json` and `variables/`, or a workdir with `export/` in it.
+      **overrides: constructor arguments (window, overlap, batch_size, score_threshold, nms_radius_um, ...).
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    p = epath.Path(os.path.abspath(os.fspath(path)))
+    if not (p / CONFIG_FILE).exists() and (p / "export" / CONFIG_FILE).exists():
+      p = p / "export"
+    if not (p / CONFIG_FILE).exists():
+      raise FileNotFoundError(f"{path}: not an NDC checkpoint (no {CONFIG_FILE}); expected the `export/` folder "
+                              "written by `python -m muse_jax.finetune` or the fine-tuning workdir")
+    cfg = json.loads((p / CONFIG_FILE).read_text())
+    from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
+
+    model_cfg = backbone_io._config_from_json(cfg["model"])  # pylint: disable=protected-access
+    head_cfg = ml_collections.ConfigDict(cfg["head"])
+    variables = ocp.StandardCheckpointer().restore(p / VARIABLES_DIR)
+    kwargs = {k: v for k, v in (cfg.get("infer") or {}).items()
+              if k in ("window", "overlap", "batch_size", "score_threshold", "nms_radius_um", "max_detections")}
+    kwargs.update(overrides)
+    return cls(model_cfg, head_cfg, dict(variables), cfg["class_names"], cfg["mpp"], **kwargs)
+
+  def check_class_names(self, class_names: Sequence[str] | None) -> None:
+    """Raises ValueError if `class_names` (when given) differ from the checkpoint's."""
+    if class_names is None:
+      return
+    names = [str(c) for c in class_names]
+    if names != self.class_names:
+      raise ValueError(f"class names {names} do not match the checkpoint's {self.class_names} (same names in the "
+                       "same order expected; fine-tune a new head for other classes)")
+
+  # ---------------------------------------------------------------------------------------------- inference
+  def _raw_tiles(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = tiles.shape[0]
+    bs = self.batch_size
+    outs = []
+    for i in range(0, n, bs):
+      chunk = tiles[i:i + bs]
+      if len(chunk) < bs:
+        chunk = np.concatenate([chunk, np.zeros((bs - len(chunk),) + chunk.shape[1:], np.uint8)])
+      outs.append(jax.device_get(self._forward(self.variables, jnp.asarray(chunk))))
+    pts = np.concatenate([o[0] for o in outs])[:n]
+    cls = np.concatenate([o[1] for o in outs])[:n]
+    sc = np.concatenate([o[2] for o in outs])[:n]
+    return pts, cls, sc
+
+  def _postprocess(self, pts, cls, sc, radius_px: float) -> dict[str, np.ndarray]:
+    keep = sc >= self.score_threshold
+    pts, cls, sc = pts[keep], cls[keep], sc[keep]
+    k = point_nms(pts, sc, radius_px)
+    return {"points": pts[k].astype(np.float32), "classes": cls[k].astype(np.int32), "scores": sc[k].astype(np.float32)}
+
+  def predict_tiles(self, tiles: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Detects nuclei in a batch of tiles at `self.mpp`.
+
+    Args:
+      tiles: uint8 [B, S, S, 3]; S a multiple of `self.multiple` (normally `self.window`; other sides compile
+        again).
+
+    Returns:
+      per tile `{'points': float32 [K, 2] (x, y) tile px, 'classes': int32 [K], 'scores': float32 [K]}` after the
+      score threshold and point NMS (K may be 0).
+    """
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+      raise ValueError(f"tiles: got {tiles.dtype} {tiles.shape}, expected uint8 [B, S, S, 3]")
+    if tiles.shape[1] != tiles.shape[2] or tiles.shape[1] % self.multiple:
+      raise ValueError(f"tiles: got {tiles.shape[1]}x{tiles.shape[2]} px, expected square tiles with a side that is "
+                       f"a multiple of {self.multiple} (the window is {self.window}); use predict_image for "
+                       "other sizes")
+    if tiles.shape[0] == 0:
+      return []
+    pts, cls, sc = self._raw_tiles(tiles)
+    r = self.nms_radius_um / self.mpp
+    return [self._postprocess(pts[i], cls[i], sc[i], r) for i in range(len(tiles))]
+
+  def predict_image(self, image: np.ndarray, mpp: float, *, class_names: Sequence[str] | None = None,
+                    rescale: bool = True) -> dict[str, np.ndarray]:
+    """Detects nuclei in an image of any size with sliding windows.
+
+    Args:
+      image: uint8 [H, W, 3].
+      mpp: µm/px of `image`.
+      class_names: optional; checked against the checkpoint's.
+      rescale: resample images whose mpp differs from the model's (else raise).
+
+    Returns:
+      `{'points': [K, 2] (x, y) in `image` px, 'classes': [K], 'scores': [K]}`.
+    """
+    self.check_class_names(class_names)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+      raise ValueError(f"image: got {image.dtype} {image.shape}, expected uint8 [H, W, 3]")
+    H0, W0 = image.shape[:2]
+    if H0 == 0 or W0 == 0:
+      return _empty()
+    mpp = check_mpp(mpp)
+    scale = mpp / self.mpp  # model px per input px
+    if abs(scale - 1.0) > self.mpp_tolerance:
+      if not rescale:
+        raise ValueError(f"mpp: image is at {mpp} µm/px but the model works at {self.mpp} µm/px; pass "
+                         "rescale=True (or --rescale) to resample")
+      W1, H1 = max(1, round(W0 * scale)), max(1, round(H0 * scale))
+      image = _resize(image, W1, H1)
+    H, W = image.shape[:2]
+    S = self.window
+    if H < S or W < S:  # pad small images up to the window
+      mode = "reflect" if min(H, W) > 1 and S - min(H, W) < 8 * min(H, W) else "constant"
+      pad = ((0, max(0, S - H)), (0, max(0, S - W)), (0, 0))
+      image = np.pad(image, pad, mode=mode, **({"constant_values": 255} if mode == "constant" else {}))
+    ys, xs = window_starts(image.shape[0], S, self.overlap), window_starts(image.shape[1], S, self.overlap)
+    by, bx = ownership_bounds(ys, S), ownership_bounds(xs, S)
+    tiles = np.stack([image[y:y + S, x:x + S] for y in ys for x in xs])
+    pts, cls, sc = self._raw_tiles(tiles)
+    r = self.nms_radius_um / self.mpp
+    keep_p, keep_c, keep_s = [], [], []
+    for t, ((y, (ylo, yhi)), (x, (xlo, xhi))) in enumerate((a, b) for a in zip(ys, by) for b in zip(xs, bx)):
+      d = self._postprocess(pts[t], cls[t], sc[t], r)
+      p = d["points"] + np.array([x, y], np.float32)
+      own = (p[:, 0] >= xlo) & (p[:, 0] < xhi) & (p[:, 1] >= ylo) & (p[:, 1] < yhi)
+      own &= (p[:, 0] >= -0.5) & (p[:, 0] < W - 0.5) & (p[:, 1] >= -0.5) & (p[:, 1] < H - 0.5)  # not in padding
+      keep_p.append(p[own]), keep_c.append(d["classes"][own]), keep_s.append(d["scores"][own])
+    p, c, s = np.concatenate(keep_p), np.concatenate(keep_c), np.concatenate(keep_s)
+    k = point_nms(p, s, r)
+    p, c, s = p[k], c[k], s[k]
+    if H != H0 or W != W0 or image.shape[:2] != (H0, W0):
+      p = p * np.array([W0 / W, H0 / H], np.float32)
+    return {"points": p.astype(np.float32).reshape(-1, 2), "classes": c.astype(np.int32),
+            "scores": s.astype(np.float32)}

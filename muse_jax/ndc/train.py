@@ -1,0 +1,367 @@
+"""NDC fine-tuning driver: `run(config, workdir)` (config: `configs/finetune_ndc.py`).
+
+One jitted step (data-parallel `Mesh` over the devices that divide the batch; params replicated):
+1. the batch holds LFoV samples (`lfov.py`): uint8 fields with weak (dihedral) augmentation, padded GT lists and
+   the labelled-region box;
+2. the student sees the strong view (photometric jitter + noise on the weak view; the weak view itself when
+   `semi.strong_aug` is off), the EMA teacher the weak view;
+3. GT nuclei are matched to the student's proposals inside the labelled region (`matching.hungarian_assign`,
+   a host callback) -> class CE + point MSE; other region proposals -> background;
+4. outside the region, confident teacher proposals supervise the student (`losses.consistency_loss`) from
+   `semi.start_step` on;
+5. AdamW, then the EMA teacher update (`muse_jax.pretrain.teacher.ema_teacher`, last in the optax chain).
+
+Workdir: `checkpoints/<step>/` (Orbax via `muse_jax.pretrain.checkpoint.Checkpointer`; resume is automatic),
+`metrics.jsonl` (one JSON object per logged step and per evaluation), `config.json`, and `export/` (an NDC
+checkpoint for `Predictor.from_checkpoint` / `python -m muse_jax.predict`). The data order is a pure function of
+(seed, step), so resuming needs no iterator state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from muse_jax import ops
+from muse_jax.ndc import head as head_lib
+from muse_jax.ndc import infer as infer_lib
+from muse_jax.ndc import lfov, losses, matching
+from muse_jax.ndc import metrics as metrics_lib
+from muse_jax.pretrain import teacher as teacher_lib
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _resample_sample(s: Any, mpp: float) -> Any:
+  """Resamples a `readers.Sample`-like object to `mpp` (bicubic; coordinates scaled) when it differs by > 2 %."""
+  if abs(s.mpp / mpp - 1.0) <= 0.02:
+    return s
+  from muse_jax.data.readers import Sample  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  f = s.mpp / mpp
+  H, W = s.image.shape[:2]
+  w, h = max(1, round(W * f)), max(1, round(H * f))
+  img = np.asarray(Image.fromarray(s.image).resize((w, h), Image.BICUBIC))
+  xy = (np.asarray(s.coords, np.float32) + 0.5) * np.array([w / W, h / H], np.float32) - 0.5
+  return Sample(img, xy, s.classes, mpp, s.name, s.split)
+
+
+def load_samples(data_cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
+  """Labelled samples of `split` at `data_cfg.mpp` (`muse_jax.data.load_labelled`)."""
+  from muse_jax.data import load_labelled  # pylint: disable=import-outside-toplevel
+
+  samples = load_labelled(data_cfg.dataset, data_cfg.dir, split)
+  return [_resample_sample(s, float(data_cfg.mpp)) for s in samples]
+
+
+def field_size(config: ml_collections.ConfigDict) -> int:
+  return int(config.lfov.field if config.lfov.enabled else config.lfov.no_lfov_field)
+
+
+def make_batch(samples: list[Any], config: ml_collections.ConfigDict, step: int, batch_size: int,
+               max_points: int) -> dict[str, np.ndarray]:
+  """The batch of `step`: a pure function of (config.seed, step)."""
+  rng = np.random.default_rng([int(config.seed), int(step)])
+  F = field_size(config)
+  label_size = config.lfov.label_size if config.lfov.enabled else None
+  out = []
+  for i in rng.integers(0, len(samples), batch_size):
+    s = samples[int(i)]
+    smp = lfov.make_lfov_sample(s.image, s.coords, s.classes, field=F, rng=rng, label_size=label_size,
+                                pad_mode=config.lfov.pad_mode)
+    if config.lfov.flips:
+      smp = lfov.random_dihedral(smp, rng)
+    out.append(smp)
+  return lfov.collate(out, max_points)
+
+
+def strong_photometric(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Strong photometric view of float images [B, H, W, 3] in [0, 1]: brightness, contrast, saturation, channel
+  gains and Gaussian noise, drawn per image."""
+  B = x.shape[0]
+  k = jax.random.split(key, 5)
+  u = lambda kk, shape, lo, hi: jax.random.uniform(kk, shape, jnp.float32, lo, hi)  # noqa: E731
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  x = (x - mean) * u(k[0], (B, 1, 1, 1), 0.7, 1.3) + mean + u(k[1], (B, 1, 1, 1), -0.1, 0.1)
+  gray = jnp.mean(x, -1, keepdims=True)
+  x = gray + (x - gray) * u(k[2], (B, 1, 1, 1), 0.6, 1.4)
+  x = x * u(k[3], (B, 1, 1, 3), 0.9, 1.1) + 0.03 * jax.random.normal(k[4], x.shape)
+  return jnp.clip(x, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def init_model(config: ml_collections.ConfigDict, num_classes: int):
+  """Builds the NDC model and its variables, with the backbone from `config.init`."""
+  from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
+
+  model_cfg, bb_vars = backbone_io.load_backbone(config.init, seed=int(config.seed))
+  module = head_lib.build_model(model_cfg, config.head, num_classes)
+  s = math.lcm(head_lib.input_multiple(model_cfg), 8) * 2
+  variables = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3), jnp.float32), train=False))(
+    jax.random.key(int(config.seed) + 1))
+  variables = jax.tree.map(np.asarray, dict(variables))
+  params = dict(variables["params"])
+  params["backbone"] = bb_vars["params"]
+  batch_stats = {"backbone": bb_vars.get("batch_stats", {})} if bb_vars.get("batch_stats") else \
+    dict(variables.get("batch_stats", {}))
+  return model_cfg, module, {"params": params, "batch_stats": batch_stats}
+
+
+def build_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+  o = config.optim
+  lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(1, int(o.warmup_steps)), max(2, int(config.train.steps)),
+                                          o.lr * 0.01)
+  decay = jax.tree.map(lambda p: p.ndim > 1, params)
+  parts = []
+  if o.clip_grad and o.clip_grad > 0:
+    parts.append(optax.clip_by_global_norm(float(o.clip_grad)))
+  parts.append(optax.adamw(lr, weight_decay=float(o.weight_decay), mask=decay))
+  parts.append(teacher_lib.ema_teacher(float(config.semi.ema_momentum)))
+  return optax.chain(*parts)
+
+
+def make_step_fn(config: ml_collections.ConfigDict, module, tx, num_classes: int,
+                 gather: NamedSharding | None = None):
+  """The pure step `(state, batch) -> (state, metrics)`.
+
+  `gather` (a replicated sharding) is applied to the matching inputs before the host callback, so the callback
+  sees whole arrays without involuntary re-sharding by the partitioner.
+  """
+  F = field_size(config)
+  stride = int(config.head.stride)
+  anchors = jnp.asarray(head_lib.anchor_grid(F, stride))
+  L, S = config.loss, config.semi
+  bb_train = bool(config.optim.backbone_train_mode)
+  max_dist = float(L.match_max_dist_um) / float(config.data.mpp)
+  base_key = jax.random.key(int(config.seed) + 2)
+
+  def apply(params, batch_stats, x, train, key):
+    v = {"params": params, "batch_stats": batch_stats}
+    if train:
+      out, upd = module.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+      return out, upd["batch_stats"]
+    return module.apply(v, x, train=False), batch_stats
+
+  def step_fn(state, batch):
+    step = state["step"]
+    key = jax.random.fold_in(base_key, step)
+    x01 = batch["images"].astype(jnp.float32) / 255.0
+    x_student = strong_photometric(jax.random.fold_in(key, 1), x01) if (S.enabled and S.strong_aug) else x01
+    valid = lfov.in_region(anchors[None], batch["region"])  # [B, P]
+    if S.enabled:
+      t_params = teacher_lib.get_teacher(state["opt_state"])
+      t_out = module.apply({"params": t_params, "batch_stats": state["batch_stats"]}, ops.normalize_images(x01),
+                           train=False)
+      t_out = jax.lax.stop_gradient(t_out)
+      cons_on = (step >= int(S.start_step)).astype(jnp.float32)
+
+    def loss_fn(params):
+      out, new_bs = apply(params, state["batch_stats"], ops.normalize_images(x_student), bb_train,
+                          jax.random.fold_in(key, 2))
+      probs = jax.nn.softmax(jax.lax.stop_gradient(out["logits"]).astype(jnp.float32), -1)
+      args = (jax.lax.stop_gradient(out["points"]), probs, valid, batch["coords"], batch["classes"], batch["mask"])
+      if gather is not None:
+        args = tuple(jax.lax.with_sharding_constraint(a, gather) for a in args)
+      assign = matching.hungarian_assign(*args, point_weight=float(L.match_point_weight),
+                                         class_weight=float(L.match_class_weight), max_dist=max_dist)
+      sup = losses.supervised_loss(out["logits"], out["points"], assign, batch["coords"], batch["classes"], valid,
+                                   stride=stride, bg_weight=float(L.bg_weight))
+      loss = L.cls * sup["cls"] + L.reg * sup["reg"]
+      m = {"loss_cls": sup["cls"], "loss_reg": sup["reg"], "matched": sup["num_matched"],
+           "gt": jnp.sum(batch["mask"]), "unmatched_gt": jnp.sum(batch["mask"] & (assign < 0))}
+      if S.enabled:
+        c = losses.consistency_loss(out["logits"], out["points"], t_out["logits"], t_out["points"], ~valid,
+                                    stride=stride, threshold=float(S.threshold), bg_threshold=float(S.bg_threshold),
+                                    bg_weight=float(L.bg_weight))
+        loss = loss + cons_on * L.cons * (c["cls"] + L.reg * c["reg"])
+        m.update({"loss_cons_cls": c["cls"], "loss_cons_reg": c["reg"], "pseudo_fg": c["num_fg"],
+                  "pseudo_bg": c["num_bg"]})
+      m["loss_sup"] = L.cls * sup["cls"] + L.reg * sup["reg"]
+      m["loss"] = loss
+      return loss, (m, new_bs)
+
+    (_, (m, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    m["grad_norm"] = optax.global_norm(grads)
+    new_state = {"step": step + 1, "params": params, "batch_stats": new_bs, "opt_state": opt_state}
+    return new_state, m
+
+  return step_fn
+
+
+def make_mesh(batch_size: int, num_devices: int = 0) -> Mesh:
+  """1-D data mesh over as many devices as divide `batch_size` (at most `num_devices` when > 0; Auto axes)."""
+  devs = jax.devices()
+  n = math.gcd(len(devs) if num_devices <= 0 else min(num_devices, len(devs)), batch_size)
+  return Mesh(np.array(devs[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+def export_variables(state: dict[str, Any], which: str, semi: bool) -> dict[str, Any]:
+  params = teacher_lib.get_teacher(state["opt_state"]) if (which == "teacher" and semi) else state["params"]
+  return {"params": params, "batch_stats": state["batch_stats"]}
+
+
+def make_predictor(config, model_cfg, variables) -> infer_lib.Predictor:
+  i = config.infer
+  return infer_lib.Predictor(model_cfg, config.head, variables, list(config.data.class_names), config.data.mpp,
+                             window=int(i.window), overlap=int(i.overlap), batch_size=int(i.batch_size),
+                             score_threshold=float(i.score_threshold), nms_radius_um=float(i.nms_radius_um),
+                             max_detections=int(i.max_detections))
+
+
+def evaluate_samples(predictor: infer_lib.Predictor, samples: list[Any], modes, radius_um: float
+                     ) -> dict[str, dict[str, Any]]:
+  """Predicts every sample (whole image, sliding windows) and scores it under each mode."""
+  preds = [predictor.predict_image(s.image, s.mpp) for s in samples]
+  gts = [{"points": s.coords, "classes": s.classes} for s in samples]
+  return {m: metrics_lib.evaluate(preds, gts, mode=m, class_names=predictor.class_names,
+                                  mpp=[s.mpp for s in samples], radius_um=radius_um) for m in modes}
+
+
+def _summary(res: dict[str, dict[str, Any]]) -> dict[str, float]:
+  out = {}
+  for m, r in res.items():
+    out[f"{m}/f_det"] = r["detection"]["f1"]
+    out[f"{m}/f_mean"] = r["mean_f1"]
+    for c, v in r["classes"].items():
+      out[f"{m}/f_{c}"] = v["f1"]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray)) or hasattr(x, "dtype"):
+    return np.asarray(x).tolist()
+  return x
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Fine-tunes the NDC model; returns `{'step', 'last_metrics', 'eval', 'export'}`.
+
+  Resumes from the newest checkpoint in `workdir/checkpoints` when there is one.
+  """
+  from muse_jax.pretrain.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  class_names = list(config.data.class_names)
+  C = len(class_names)
+  train = load_samples(config.data, config.data.train_split)
+  if not train:
+    raise ValueError(f"config.data: no training samples in split {config.data.train_split!r} of {config.data.dir}")
+  bad = [s.name for s in train if len(s.classes) and (s.classes.max() >= C)]
+  if bad:
+    raise ValueError(f"config.data.class_names has {C} names but samples {bad[:3]} have class ids >= {C}")
+  F = field_size(config)
+  mult = math.lcm(32 if "r50" in config.variant else 16, int(config.head.stride))
+  if F % mult:
+    raise ValueError(f"config.lfov.field: got {F}, expected a multiple of {mult}")
+  B = int(config.train.batch_size)
+  max_points = int(config.train.max_points) or int(64 * math.ceil(max(len(s.coords) for s in train) / 64 + 1e-9))
+  max_points = max(max_points, 64)
+
+  model_cfg, module, variables = init_model(config, C)
+  tx = build_optimizer(config, variables["params"])
+  state = {"step": jnp.zeros([], jnp.int32), "params": variables["params"], "batch_stats": variables["batch_stats"],
+           "opt_state": tx.init(variables["params"])}
+  mesh = make_mesh(B, int(config.get('num_devices', 0)))
+  repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state = jax.device_put(state, repl)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep), async_save=False)
+  start = 0
+  if ckpt.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+    state, start = ckpt.restore(abstract)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  step_fn = jax.jit(make_step_fn(config, module, tx, C, repl if mesh.devices.size > 1 else None), in_shardings=(repl, data_sh), out_shardings=(repl, repl),
+                    donate_argnums=(0,))
+  total = int(config.train.steps)
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  last: dict[str, Any] = {}
+  bar = None
+  if config.train.progress and start < total:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    bar = tqdm(total=total, initial=start, desc="ndc finetune", unit="step", dynamic_ncols=True)
+  val = None
+  t0, t_last = time.time(), time.time()
+  for step in range(start, total):
+    batch = make_batch(train, config, step, B, max_points)
+    batch = jax.device_put(batch, data_sh)
+    state, m = step_fn(state, batch)
+    if (step + 1) % int(config.train.log_every) == 0 or step + 1 == total or step == start:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not math.isfinite(m["loss"]):
+        raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} ({m}); lower config.optim.lr")
+      now = time.time()
+      m.update({"step": step + 1, "time": now - t0, "steps_per_s": (step + 1 - start) / max(now - t0, 1e-9)})
+      last = m
+      with open(log_path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+      if bar is not None:
+        bar.set_postfix(loss=f"{m['loss']:.3f}", matched=f"{m['matched']:.0f}/{m['gt']:.0f}")
+      t_last = now
+    if bar is not None:
+      bar.update(1)
+    if (step + 1) % int(config.train.ckpt_every) == 0 and step + 1 < total:
+      ckpt.save(step + 1, state)
+    if config.train.eval_every and (step + 1) % int(config.train.eval_every) == 0 and step + 1 < total:
+      val = val if val is not None else _val_samples(config)
+      if val:
+        pred = make_predictor(config, model_cfg, export_variables(state, config.train.export, config.semi.enabled))
+        res = _summary(evaluate_samples(pred, val, config.eval.modes, float(config.eval.radius_um)))
+        with open(log_path, "a") as f:
+          f.write(json.dumps({"step": step + 1, "eval": res}) + "\n")
+  if bar is not None:
+    bar.close()
+  del t_last
+  final_step = int(jax.device_get(state["step"]))
+  if ckpt.latest_step() != final_step:
+    ckpt.save(final_step, state)
+  ckpt.close()
+
+  variables = export_variables(state, config.train.export, config.semi.enabled)
+  export = infer_lib.save_predictor(os.path.join(workdir, "export"), model_cfg, config.head, class_names,
+                                    float(config.data.mpp), variables, config.infer,
+                                    extra={"init": config.init, "step": final_step, "variant": config.variant,
+                                           "ablations": config.ablations, "weights": config.train.export})
+  result = {"step": final_step, "last_metrics": last, "export": str(export), "eval": None}
+  val = val if val is not None else _val_samples(config)
+  if val:
+    pred = make_predictor(config, model_cfg, variables)
+    res = evaluate_samples(pred, val, config.eval.modes, float(config.eval.radius_um))
+    result["eval"] = res
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(_jsonable(res), f, indent=2)
+    with open(log_path, "a") as f:
+      f.write(json.dumps({"step": final_step, "eval": _summary(res)}) + "\n")
+  return result
+
+
+def _val_samples(config: ml_collections.ConfigDict) -> list[Any]:
+  if not config.data.val_split:
+    return []
+  try:
+    val = load_samples(config.data, config.data.val_split)
+  except (ValueError, FileNotFoundError):
+    return []
+  n = int(config.eval.max_images)
+  return val[:n] if n else val
