@@ -1,0 +1,458 @@
+"""Our ops and modules against PyTorch, with weights moved by muse_jax.tools.convert (needs requirements-torch.txt).
+
+The PyTorch side is a small re-implementation of the official MUSE modules written here from the spec (same module
+names, so its `state_dict()` has the official keys): DINO ViT blocks, ConvLayer, BasicResBlock, UnetBlock,
+HyperFeats, the ViT decoder and a timm-style ResNet, at tiny sizes.
+"""
+
+import collections
+import copy
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.models import get_config
+from muse_jax import ops
+from muse_jax.models import build_backbone
+from muse_jax.models.decoder import BasicResBlock, ConvLayer
+from muse_jax.models.resnet import Bottleneck
+from muse_jax.models.vit import Block
+from muse_jax.tools import convert, export_torch, import_torch, torch_format
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+pytestmark = pytest.mark.torch
+
+ATOL = 1e-5
+
+
+# --- PyTorch re-implementation (tiny) ------------------------------------------------------------------------------
+
+
+class TAttention(nn.Module):
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.heads = heads
+    self.qkv = nn.Linear(dim, 3 * dim)
+    self.proj = nn.Linear(dim, dim)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(dim=-1)
+    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class TMlp(nn.Module):
+
+  def __init__(self, dim, hidden):
+    super().__init__()
+    self.fc1 = nn.Linear(dim, hidden)
+    self.fc2 = nn.Linear(hidden, dim)
+
+  def forward(self, x):
+    return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TBlock(nn.Module):
+
+  def __init__(self, dim, heads):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+    self.attn = TAttention(dim, heads)
+    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+    self.mlp = TMlp(dim, 4 * dim)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class TPatchEmbed(nn.Module):
+
+  def __init__(self, dim, patch):
+    super().__init__()
+    self.proj = nn.Conv2d(3, dim, patch, patch)
+
+  def forward(self, x):
+    return self.proj(x)
+
+
+def torch_pos_resize(pos, grid, force=False):
+  """Official bicubic position-embedding interpolation (scale_factor = (g + 0.1) / n)."""
+  n = int(math.sqrt(pos.shape[1] - 1))
+  if n == grid and not force:
+    return pos
+  d = pos.shape[-1]
+  patch = pos[:, 1:].reshape(1, n, n, d).permute(0, 3, 1, 2)
+  s = (grid + 0.1) / math.sqrt(n * n)
+  patch = F.interpolate(patch, scale_factor=(s, s), mode="bicubic")
+  assert patch.shape[-1] == grid
+  return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, d)], dim=1)
+
+
+class TViT(nn.Module):
+
+  def __init__(self, dim, depth, heads, img_size, patch=16):
+    super().__init__()
+    self.patch = patch
+    self.patch_embed = TPatchEmbed(dim, patch)
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch) ** 2, dim))
+    self.blocks = nn.ModuleList([TBlock(dim, heads) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+  def forward(self, x, layers):
+    b, _, h, _ = x.shape
+    x = self.patch_embed(x).flatten(2).transpose(1, 2)
+    x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+    x = x + torch_pos_resize(self.pos_embed, h // self.patch)
+    outs = []
+    for i, blk in enumerate(self.blocks):
+      x = blk(x)
+      if i in layers:
+        outs.append(self.norm(x))
+    return outs
+
+
+class TEncoder(nn.Module):
+
+  def __init__(self, vit):
+    super().__init__()
+    self.encoder = vit
+
+
+class TConvLayer(nn.Module):
+
+  def __init__(self, cin, cout, k=3, act=True):
+    super().__init__()
+    self.layer = nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2, bias=False), nn.BatchNorm2d(cout),
+                               nn.ReLU() if act else nn.Identity())
+
+  def forward(self, x):
+    return self.layer(x)
+
+
+class TBasicResBlock(nn.Module):
+
+  def __init__(self, cin, c, cout):
+    super().__init__()
+    self.conv1 = TConvLayer(cin, c, 3)
+    self.conv2 = TConvLayer(c, cout, 3, act=False)
+    self.shortcut_conv = nn.Identity() if cin == cout else TConvLayer(cin, cout, 1, act=False)
+
+  def forward(self, x):
+    return F.relu(self.conv2(self.conv1(x)) + self.shortcut_conv(x))
+
+
+class TUnetBlock(nn.Module):
+
+  def __init__(self, cin, c, cout):
+    super().__init__()
+    self.first_block = TConvLayer(cin, c, 3)
+    self.last_block = TBasicResBlock(c, cout, cout)
+
+  def forward(self, x_de, x_en):
+    x_de = F.interpolate(x_de, size=x_en.shape[-1], mode="bilinear", align_corners=True)
+    return self.last_block(self.first_block(torch.cat([x_de, x_en], 1)))
+
+
+class THyperFeats(nn.Module):
+
+  def __init__(self, cins, cout, by_scale):
+    super().__init__()
+    self.by_scale = by_scale
+    self.conv_list = nn.ModuleList([TConvLayer(c, cout, 1, act=False) for c in cins])
+
+  def forward(self, feats):
+    outs = []
+    for i, f in enumerate(feats):
+      y = self.conv_list[i](f)
+      if self.by_scale:  # ViT decoder: scale_factor 2**i
+        y = F.interpolate(y, scale_factor=2**i, mode="bilinear", align_corners=True)
+      else:  # R50 decoder: explicit size
+        y = F.interpolate(y, size=feats[0].shape[-1], mode="bilinear", align_corners=True)
+      outs.append(y)
+    return torch.cat(outs, 1)
+
+
+class TDecoder(nn.Module):
+
+  def __init__(self, dims, hyper, embed_dim=None):
+    super().__init__()
+    if embed_dim is not None:
+      self.dim_map_layers = nn.ModuleList([nn.Conv2d(embed_dim, d, 1, bias=False) for d in dims])
+    self.decoder3 = TUnetBlock(dims[3] + dims[2], dims[2], dims[2])
+    self.decoder2 = TUnetBlock(dims[2] + dims[1], dims[1], dims[1])
+    self.decoder1 = TUnetBlock(dims[1] + dims[0], dims[0], dims[0])
+    self.hyper_feats = THyperFeats(dims, hyper, by_scale=embed_dim is not None)
+
+  def forward(self, feats):
+    feats = list(feats)
+    if hasattr(self, "dim_map_layers"):
+      for i, ratio in enumerate((4, 2, 1, 0.5)):  # official: scale_factor = patch / stride
+        feats[i] = self.dim_map_layers[i](feats[i])
+        if ratio != 1:
+          feats[i] = F.interpolate(feats[i], scale_factor=ratio, mode="bilinear", align_corners=True)
+    e1, e2, e3, e4 = feats
+    d3 = self.decoder3(e4, e3)
+    d2 = self.decoder2(d3, e2)
+    d1 = self.decoder1(d2, e1)
+    return self.hyper_feats([d1, d2, d3, e4])
+
+
+class TMuseViT(nn.Module):
+
+  def __init__(self, cfg):
+    super().__init__()
+    d = cfg.embed_dim
+    self.layers = tuple(cfg.extract_layers)
+    self.encoder = TEncoder(TViT(d, cfg.depth, cfg.num_heads, cfg.img_size))
+    self.decoder = TDecoder([int(d * r) for r in cfg.dim_ratios], d // 4, embed_dim=d)
+
+  def forward(self, x):
+    toks = self.encoder.encoder(x, self.layers)
+    b, _, h, w = x.shape
+    maps = [t[:, 1:].reshape(b, h // 16, w // 16, -1).permute(0, 3, 1, 2) for t in toks]
+    return self.decoder(maps), toks[-1][:, 0]
+
+
+class TBottleneck(nn.Module):
+
+  def __init__(self, cin, width, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(width * 4)
+    if stride != 1 or cin != width * 4:
+      self.downsample = nn.Sequential(nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4))
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = F.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    return F.relu(y + (self.downsample(x) if hasattr(self, "downsample") else x))
+
+
+class TResNet(nn.Module):
+
+  def __init__(self, width, depths):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    cin = width
+    for s, n in enumerate(depths):
+      blocks = []
+      for j in range(n):
+        blocks.append(TBottleneck(cin, width * 2**s, 2 if (s > 0 and j == 0) else 1))
+        cin = width * 2**s * 4
+      setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+    self.n = len(depths)
+
+  def forward(self, x):
+    x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+    outs = []
+    for s in range(self.n):
+      x = getattr(self, f"layer{s + 1}")(x)
+      outs.append(x)
+    return outs
+
+
+class TMuseResNet(nn.Module):
+
+  def __init__(self, cfg):
+    super().__init__()
+    w = cfg.stem_width
+    self.encoder = TEncoder(TResNet(w, tuple(cfg.stage_depths)))
+    dims = [w * 4, w * 8, w * 16, w * 32]
+    self.decoder = TDecoder(dims, dims[-1] // 8)
+
+  def forward(self, x):
+    feats = self.encoder.encoder(x)
+    return self.decoder(feats), feats[-1].mean(dim=(2, 3))
+
+
+def _randomise(module, seed):
+  """Non-trivial weights and BatchNorm statistics (defaults would hide scale/bias or mean/var mix-ups)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name.endswith("weight") and p.ndim == 1:  # norm scales
+        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+      else:
+        fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
+        p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    for m in module.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+        m.num_batches_tracked.fill_(11)
+  return module.eval()
+
+
+def _state_dict_np(module):
+  return collections.OrderedDict((k, v.detach().numpy().copy()) for k, v in module.state_dict().items())
+
+
+def _nhwc(t):
+  return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def _nchw(a):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+  cfg = get_config("tiny")
+  model = _randomise(TMuseViT(cfg), 0)
+  sd = _state_dict_np(model)
+  variables, _ = convert.torch_to_variables(sd, cfg, pos_embed_resize="exact")
+  return cfg, model, sd, variables
+
+
+@pytest.fixture(scope="module")
+def tiny_r50():
+  cfg = get_config("tiny_r50")
+  model = _randomise(TMuseResNet(cfg), 1)
+  sd = _state_dict_np(model)
+  variables, _ = convert.torch_to_variables(sd, cfg)
+  return cfg, model, sd, variables
+
+
+def _sub(variables, *path):
+  out = {}
+  for col in ("params", "batch_stats"):
+    node = variables.get(col, {})
+    for p in path:
+      node = node.get(p, {})
+    if node:
+      out[col] = node
+  return out
+
+
+# --- ops against PyTorch -------------------------------------------------------------------------------------------
+
+
+def test_sampler_matches_grid_sample():
+  rng = np.random.default_rng(0)
+  b, h, w, c, n, s = 2, 14, 14, 5, 40, 56
+  f_map = rng.standard_normal((b, h, w, c), dtype=np.float32)
+  coords = rng.uniform(-0.2 * s, 1.2 * s, (b, n, 2)).astype(np.float32)  # includes points outside the image
+  coords[:, :4] = [[0, 0], [s, s], [s - 1, 0.5], [13.7, s]]
+  mask = rng.random((b, n)) > 0.2
+  ours = np.asarray(ops.sample_nuclei(jnp.asarray(f_map), jnp.asarray(coords), jnp.asarray(mask), s))
+  grid = torch.from_numpy(2.0 * coords / s - 1.0)[:, None]  # [B, 1, N, 2], official normalisation
+  ref = F.grid_sample(_nchw(f_map), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+  ref = ref[:, :, 0].permute(0, 2, 1).numpy() * mask[..., None]
+  np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("hw,out_hw", [((7, 7), (13, 13)), ((8, 8), (4, 4)), ((7, 7), (3, 3)), ((6, 10), (11, 3)),
+                                       ((4, 4), (32, 32)), ((5, 5), (1, 1))])
+def test_resize_matches_interpolate_align_corners(hw, out_hw):
+  x = np.random.default_rng(1).standard_normal((2,) + hw + (3,), dtype=np.float32)
+  ours = np.asarray(ops.resize_bilinear_ac(jnp.asarray(x), out_hw))
+  ref = _nhwc(F.interpolate(_nchw(x), size=out_hw, mode="bilinear", align_corners=True))
+  np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("n,grid", [(14, 4), (14, 32), (14, 13), (32, 14), (14, 14)])
+def test_pos_embed_resize_matches_bicubic_interpolate(n, grid):
+  pos = np.random.default_rng(2).standard_normal((1, 1 + n * n, 8), dtype=np.float32)
+  ref = torch_pos_resize(torch.from_numpy(pos), grid, force=True).numpy()
+  if n != grid:
+    ours = np.asarray(ops.resize_pos_embed(jnp.asarray(pos), (grid, grid)))
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=ATOL)
+  offline = convert.resize_pos_embed_official(pos, grid, force=True)  # the import-time (official loader) path
+  np.testing.assert_allclose(offline, ref, atol=ATOL, rtol=ATOL)
+
+
+# --- modules with converted weights --------------------------------------------------------------------------------
+
+
+def test_torch_reimplementation_has_the_official_keys(tiny_vit, tiny_r50):
+  for cfg, _, sd, _ in (tiny_vit, tiny_r50):
+    assert [(k, v.shape, str(v.dtype)) for k, v in sd.items()] == convert.official_key_table(cfg)
+
+
+def test_vit_block(tiny_vit):
+  cfg, model, _, variables = tiny_vit
+  x = np.random.default_rng(3).standard_normal((2, 17, cfg.embed_dim), dtype=np.float32)
+  ours = Block(cfg.embed_dim, cfg.num_heads).apply(_sub(variables, "encoder", "blocks_1"), jnp.asarray(x), False)
+  with torch.no_grad():
+    ref = model.encoder.encoder.blocks[1](torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
+
+
+def test_conv_bn_relu(tiny_vit):
+  cfg, model, _, variables = tiny_vit
+  tl = model.decoder.decoder2.first_block
+  cin = tl.layer[0].in_channels
+  x = np.random.default_rng(4).standard_normal((2, 6, 6, cin), dtype=np.float32)
+  layer = ConvLayer(tl.layer[0].out_channels, 3, True)
+  ours = layer.apply(_sub(variables, "decoder", "decoder2", "first_block"), jnp.asarray(x), False)
+  with torch.no_grad():
+    ref = _nhwc(tl(_nchw(x)))
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
+  # Train mode (batch statistics): same outputs.
+  ours_train, _ = layer.apply(_sub(variables, "decoder", "decoder2", "first_block"), jnp.asarray(x), True,
+                              mutable=["batch_stats"])
+  tl_train = copy.deepcopy(tl).train()  # a copy: train mode updates the running statistics
+  with torch.no_grad():
+    ref_train = _nhwc(tl_train(_nchw(x)))
+  np.testing.assert_allclose(np.asarray(ours_train), ref_train, atol=ATOL, rtol=ATOL)
+
+
+def test_residual_blocks(tiny_vit, tiny_r50):
+  cfg, model, _, variables = tiny_vit
+  tb = model.decoder.decoder1.last_block
+  c = tb.conv1.layer[0].in_channels
+  x = np.random.default_rng(5).standard_normal((2, 8, 8, c), dtype=np.float32)
+  ours = BasicResBlock(c, c).apply(_sub(variables, "decoder", "decoder1", "last_block"), jnp.asarray(x), False)
+  with torch.no_grad():
+    ref = _nhwc(tb(_nchw(x)))
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
+  cfg, model, _, variables = tiny_r50
+  tb = model.encoder.encoder.layer2[0]  # stride 2 with a downsample branch
+  x = np.random.default_rng(6).standard_normal((2, 8, 8, tb.conv1.in_channels), dtype=np.float32)
+  ours = Bottleneck(tb.conv1.out_channels, 2).apply(_sub(variables, "encoder", "layer2_0"), jnp.asarray(x), False)
+  with torch.no_grad():
+    ref = _nhwc(tb(_nchw(x)))
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("which", ["tiny_vit", "tiny_r50"])
+def test_full_tiny_backbone_forward(which, request):
+  cfg, model, _, variables = request.getfixturevalue(which)
+  x = np.random.default_rng(7).standard_normal((2, 64, 64, 3), dtype=np.float32)
+  out = jax.jit(lambda v, x: build_backbone(cfg).apply(v, x, train=False))(variables, jnp.asarray(x))
+  with torch.no_grad():
+    f_map, f_cls = model(_nchw(x))
+  np.testing.assert_allclose(np.asarray(out["f_map"]), _nhwc(f_map), atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(np.asarray(out["f_cls"]), f_cls.numpy(), atol=5e-5, rtol=5e-5)
+
+
+def test_exported_file_loads_strictly_into_pytorch(tiny_vit, tmp_path):
+  cfg, model, sd, _ = tiny_vit
+  ckpt = tmp_path / "official.pth"
+  torch.save({"teacher": {"module.backbone." + k: v for k, v in model.state_dict().items()}, "epoch": 1}, ckpt)
+  backbone, _, info = import_torch.import_checkpoint(ckpt, tmp_path / "backbone", pos_embed_resize="exact")
+  assert info["num_batches_tracked"] == 11
+  out = export_torch.export_backbone(backbone, tmp_path / "exported.pth")
+  loaded = torch.load(out, weights_only=True)["teacher"]
+  fresh = TMuseViT(cfg).eval()
+  fresh.load_state_dict({k[len("module.backbone."):]: v for k, v in loaded.items()}, strict=True)
+  for k, v in fresh.state_dict().items():
+    np.testing.assert_array_equal(v.numpy(), sd[k], err_msg=k)
+  assert torch_format.load(out)["teacher"].keys() == loaded.keys()
+  jax.clear_caches()
