@@ -78,7 +78,7 @@ def default_data_config(variant: str = 'default') -> ml_collections.ConfigDict:
   # Loading.
   c.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
   c.prefetch_buffer = 2         # batches buffered per worker
-  c.detector = ml_collections.ConfigDict({'min_distance_um': 4.0, 'sigma_um': 1.5, 'threshold': 'otsu'})
+  c.detector = ml_collections.ConfigDict({'min_distance_um': 3.0, 'sigma_um': 3.0, 'threshold_scale': 1.0})
   if variant == 'lfov':
     c.global_size, c.local_size = 512, 208
     c.max_nuclei_global, c.max_nuclei_local = 1024, 256

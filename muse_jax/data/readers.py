@@ -434,6 +434,29 @@ def read_labelled_folder(root: PathLike, *, mpp: float, class_map: Mapping[str, 
   return out
 
 
+def read_regions_folder_one(img_path: PathLike, *, mpp: float, detector=None, labels_dir: PathLike | None = None,
+                            errors: list | None = None) -> Sample | None:
+  """One unlabelled region (see `read_regions_folder`); None when skipped into `errors`."""
+  img_path = pathlib.Path(img_path)
+  try:
+    image = read_image(img_path)
+    pts = find_points_file(img_path, labels_dir)
+    if pts is not None:
+      coords, _ = read_points(pts, None, unknown_class='ignore')
+    elif detector is not None:
+      coords = detector(image, mpp)
+    else:
+      raise ValueError(f'{img_path}: no points file and no detector given.')
+    coords, classes = drop_outside(coords, np.full(len(coords), -1, np.int32), image.shape[:2], str(img_path))
+  except ValueError as e:
+    if errors is None:
+      raise
+    errors.append((str(img_path), str(e)))
+    logging.error('skipping %s: %s', img_path, e)
+    return None
+  return Sample(image, coords, classes, float(mpp), img_path.stem, 'unlabelled')
+
+
 def read_regions_folder(root: PathLike, *, mpp: float, detector=None, labels_dir: PathLike | None = None,
                         errors: list | None = None) -> list[Sample]:
   """Reads unlabelled pretraining regions: images plus nucleus coordinates.
@@ -444,23 +467,6 @@ def read_regions_folder(root: PathLike, *, mpp: float, detector=None, labels_dir
   Raises:
     ValueError: no sidecar and no detector, or a bad file (unless `errors` is a list: then it is skipped).
   """
-  out = []
-  for img_path in list_images(root):
-    try:
-      image = read_image(img_path)
-      pts = find_points_file(img_path, labels_dir)
-      if pts is not None:
-        coords, _ = read_points(pts, None, unknown_class='ignore')
-      elif detector is not None:
-        coords = detector(image, mpp)
-      else:
-        raise ValueError(f'{img_path}: no points file and no detector given.')
-      coords, classes = drop_outside(coords, np.full(len(coords), -1, np.int32), image.shape[:2], str(img_path))
-    except ValueError as e:
-      if errors is None:
-        raise
-      errors.append((str(img_path), str(e)))
-      logging.error('skipping %s: %s', img_path, e)
-      continue
-    out.append(Sample(image, coords, classes, float(mpp), img_path.stem, 'unlabelled'))
-  return out
+  out = [read_regions_folder_one(p, mpp=mpp, detector=detector, labels_dir=labels_dir, errors=errors)
+         for p in list_images(root)]
+  return [s for s in out if s is not None]
