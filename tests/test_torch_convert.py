@@ -87,11 +87,13 @@ def test_strict_errors_list_keys_and_shapes():
   msg = str(e.value)
   assert "missing (1)" in msg and "encoder.encoder.blocks.1.mlp.fc1.bias [256]" in msg
   assert "unexpected (1)" in msg and "decoder.decoder4.first_block.layer.0.weight [3, 3, 1, 1]" in msg
-  assert "wrong shape (1)" in msg and "decoder.dim_map_layers.0.weight: got [5, 64, 1, 1], expected [16, 64, 1, 1]" in msg
+  assert "wrong shape (1)" in msg
+  assert "decoder.dim_map_layers.0.weight: got [5, 64, 1, 1], expected [16, 64, 1, 1]" in msg
   variables, _ = convert.torch_to_variables(_random_state_dict(cfg), cfg)
   del variables["batch_stats"]["decoder"]["decoder1"]["first_block"]["bn"]["mean"]
   variables["params"]["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
-  with pytest.raises(ConversionError, match=r"(?s)missing \(1\).*decoder1/first_block/bn/mean.*unexpected \(1\).*extra"):
+  with pytest.raises(ConversionError,
+                     match=r"(?s)missing \(1\).*decoder1/first_block/bn/mean.*unexpected \(1\).*extra"):
     convert.variables_to_torch(variables, cfg)
 
 
@@ -182,3 +184,20 @@ def test_core_does_not_import_torch():
   root = pathlib.Path(__file__).resolve().parents[1]
   res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_cls_proj_mode_round_trip():
+  cfg = get_config("tiny")
+  cfg.cls_mode = "proj"
+  table = convert.official_key_table(cfg)
+  proj = [(k, s) for k, s, _ in table if "cls_token_layers" in k]
+  assert proj == [(f"encoder.cls_token_layers.{i}.mlp.{n}", s) for i in range(4)
+                  for n, s in (("weight", (64, 128)), ("bias", (64,)))]
+  keys = [k for k, _, _ in table]
+  assert keys.index("encoder.encoder.norm.bias") < keys.index("encoder.cls_token_layers.0.mlp.weight") < keys.index(
+      "decoder.dim_map_layers.0.weight")
+  sd = _random_state_dict(cfg)
+  variables, _ = convert.torch_to_variables(sd, cfg, pos_embed_resize="exact")
+  back = convert.variables_to_torch(variables, cfg, num_batches_tracked=3)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)

@@ -200,6 +200,9 @@ def test_reads_what_torch_saves(tmp_path):
   gen = torch.Generator().manual_seed(0)
   base = torch.arange(12.0)
   layer = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+  opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+  layer(torch.randn(2, 3, 5, 5, generator=gen)).sum().backward()
+  opt.step()
   tagged = torch.randn(3, generator=gen)
   tagged.note = "python attribute"  # pickled through torch._tensor._rebuild_from_type_v2
   obj = {
@@ -213,6 +216,8 @@ def test_reads_what_torch_saves(tmp_path):
     "half": torch.randn(4, generator=gen).half(),
     "long": torch.tensor(5),
     "args": argparse.Namespace(arch="vit_small", lr=0.1),
+    "optimizer": opt.state_dict(),  # the rest of a DINO-format checkpoint
+    "fp16_scaler": torch.amp.GradScaler("cpu").state_dict(),
     "set": {1, 2},
     "bytes": b"\x00\x01",
     "np_scalar": np.float64(0.5),
@@ -233,6 +238,9 @@ def test_reads_what_torch_saves(tmp_path):
   assert sd["1.num_batches_tracked"].dtype == np.int64
   assert got["bf16"].dtype == ml_dtypes.bfloat16
   assert got["args"].arch == "vit_small" and got["args"].lr == 0.1
+  assert got["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+  np.testing.assert_array_equal(got["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+  assert got["fp16_scaler"]["scale"] == 65536.0
   assert got["set"] == {1, 2} and got["bytes"] == b"\x00\x01" and got["np_scalar"] == 0.5
 
 

@@ -4,19 +4,20 @@ The table of official names and shapes is generated from our own module tree: `o
 abstract variables of `build_backbone(model_cfg)` (shapes only, nothing allocated), renames each Flax path with a fixed
 set of rules and converts its shape to the PyTorch layout, and adds one `num_batches_tracked` per BatchNorm:
 
-| Flax (ours)                                     | PyTorch (official)                                   | layout            |
-| ---                                             | ---                                                  | ---               |
-| `encoder/...` (ViT or ResNet)                   | `encoder.encoder....`                                |                   |
-| `blocks_3`, `layer2_1`, `conv_list_0`, `dim_map_layers_1` | `blocks.3`, `layer2.1`, `conv_list.0`, `dim_map_layers.1` |          |
-| ConvLayer `conv` / `bn`                         | `layer.0` / `layer.1`                                |                   |
-| BasicResBlock `shortcut`                        | `shortcut_conv`                                      |                   |
-| ResNet `downsample_conv` / `downsample_bn`      | `downsample.0` / `downsample.1`                      |                   |
-| ViT `cls_token_layers_{i}_mlp` (cls_mode proj)  | `encoder.cls_token_layers.{i}.mlp`                   |                   |
-| conv `kernel` `[kh, kw, in, out]`               | `weight` `[out, in, kh, kw]`                         | HWIO -> OIHW      |
-| dense `kernel` `[in, out]`                      | `weight` `[out, in]`                                 | transpose         |
-| LayerNorm/BatchNorm `scale`, `bias`             | `weight`, `bias`                                     |                   |
-| batch_stats `mean`, `var`                       | `running_mean`, `running_var`                        |                   |
-| (none)                                          | `num_batches_tracked` (int64 scalar)                 | dropped / written |
+| Flax (ours)                                  | PyTorch (official)                                 | layout        |
+| ---                                          | ---                                                | ---           |
+| `encoder/...` (ViT or ResNet)                | `encoder.encoder....`                              |               |
+| `blocks_3`, `layer2_1`                       | `blocks.3`, `layer2.1`                             |               |
+| `conv_list_0`, `dim_map_layers_1`            | `conv_list.0`, `dim_map_layers.1`                  |               |
+| ConvLayer `conv` / `bn`                      | `layer.0` / `layer.1`                              |               |
+| BasicResBlock `shortcut`                     | `shortcut_conv`                                    |               |
+| ResNet `downsample_conv` / `downsample_bn`   | `downsample.0` / `downsample.1`                    |               |
+| ViT `cls_token_layers_{i}_mlp` (proj mode)   | `encoder.cls_token_layers.{i}.mlp`                 |               |
+| conv `kernel` `[kh, kw, in, out]`            | `weight` `[out, in, kh, kw]`                       | HWIO -> OIHW  |
+| dense `kernel` `[in, out]`                   | `weight` `[out, in]`                               | transpose     |
+| LayerNorm/BatchNorm `scale`, `bias`          | `weight`, `bias`                                   |               |
+| batch_stats `mean`, `var`                    | `running_mean`, `running_var`                      |               |
+| (none)                                       | `num_batches_tracked` (int64 scalar)               | dropped/made  |
 
 The attention `qkv` kernel keeps PyTorch's fused output order `(3, heads, head_dim)`, so it only needs the transpose.
 The position embedding is resized to the target config's grid (`img_size / 16`) with the official bicubic
@@ -384,7 +385,8 @@ def torch_to_variables(
       continue
     shape = tuple(np.shape(state_dict[k]))
     if k == POS_EMBED_KEY:
-      ok = len(shape) == 3 and shape[0] == 1 and shape[2] == e.shape[2] and math.isqrt(shape[1] - 1) ** 2 == shape[1] - 1
+      ok = (len(shape) == 3 and shape[0] == 1 and shape[2] == e.shape[2]
+            and math.isqrt(shape[1] - 1) ** 2 == shape[1] - 1)
     else:
       ok = shape == e.shape
     if not ok:

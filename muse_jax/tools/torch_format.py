@@ -188,7 +188,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       and isinstance(size, tuple) and all(isinstance(s, int) and s >= 0 for s in size)
       and isinstance(stride, tuple) and len(stride) == len(size) and all(isinstance(s, int) and s >= 0 for s in stride)
     )
-    _check(ok, self._path, f"malformed tensor (offset={storage_offset!r:.50}, size={size!r:.80}, stride={stride!r:.80})")
+    _check(ok, self._path,
+           f"malformed tensor (offset={storage_offset!r:.50}, size={size!r:.80}, stride={stride!r:.80})")
     data = storage.array
     numel = int(np.prod(size, dtype=np.int64))
     if numel == 0:
@@ -200,7 +201,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
       f"'{storage.key}' ({data.size} elements)",
     )
     contiguous = tuple(int(s) for s in np.cumprod((1,) + size[:0:-1])[::-1]) if size else ()
-    if storage_offset == 0 and numel == data.size and all(n == 1 or s == c for n, s, c in zip(size, stride, contiguous)):
+    dense = all(n == 1 or s == c for n, s, c in zip(size, stride, contiguous))
+    if storage_offset == 0 and numel == data.size and dense:
       return data.reshape(size)
     item = data.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
