@@ -22,8 +22,10 @@
 
 The predictor protocol: any object with `predict_tiles(uint8 [B, S, S, 3]) -> list of B dicts` with `points` float
 [K, 2] (x, y in tile pixels), `classes` int [K], `scores` float [K]; attributes `class_names` (sequence of str), `mpp`
-(µm/px the model runs at), `window` (S), and optionally `merge_radius_um` (µm; else `config.merge_radius_um`).
-`predict_tiles` receives a sharded `jax.Array`; a predictor that wants numpy may call `np.asarray` on it.
+(µm/px the model runs at), `window` (S), and optionally `merge_radius_um` or `nms_radius_um` (µm; the seam-merge
+radius unless `config.merge_radius_um` is set). `predict_tiles` receives a batch sharded over the mesh
+(`jax.Array`); a predictor that wants numpy may call `np.asarray` on it. `muse_jax.ndc.infer.Predictor` is run
+through its jitted forward directly, so its batch stays sharded (`_batch_predict_fn`).
 """
 from __future__ import annotations
 
@@ -100,6 +102,28 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh ('data',) over all (or the given) devices, with Auto axes."""
   devices = list(devices) if devices is not None else jax.devices()
   return Mesh(np.array(devices), ("data",))
+
+
+def _batch_predict_fn(predictor: TilePredictor, mesh: Mesh):
+  """The function that runs one sharded batch: `fn(tiles jax.Array [B, S, S, 3]) -> list of B dicts`.
+
+  For `muse_jax.ndc.infer.Predictor` (it has a jitted `_forward(variables, tiles)` and `_postprocess`), the forward
+  runs directly on the sharded batch with the variables replicated over the mesh, so each device computes its slice
+  of the batch; its `predict_tiles` would copy the batch to the host first. Any other predictor gets the sharded
+  batch through `predict_tiles`.
+  """
+  forward, post = getattr(predictor, "_forward", None), getattr(predictor, "_postprocess", None)
+  variables = getattr(predictor, "variables", None)
+  if not (callable(forward) and callable(post) and variables is not None):
+    return predictor.predict_tiles
+  replicated = jax.device_put(variables, NamedSharding(mesh, P()))
+  radius_px = float(getattr(predictor, "nms_radius_um", 3.0)) / float(predictor.mpp)
+
+  def fn(tiles: jax.Array) -> list[dict[str, np.ndarray]]:
+    pts, cls, sc = jax.device_get(forward(replicated, tiles))
+    return [post(pts[i], cls[i], sc[i], radius_px) for i in range(len(pts))]
+
+  return fn
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -241,7 +265,10 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
   class_names = [str(c) for c in predictor.class_names]
   colors = outputs.class_colors(class_names)
   model_mpp, window = float(predictor.mpp), int(predictor.window)
-  merge_um = cfg.merge_radius_um if cfg.merge_radius_um is not None else getattr(predictor, "merge_radius_um", 3.0)
+  merge_um = cfg.merge_radius_um
+  if merge_um is None:
+    merge_um = float(getattr(predictor, "merge_radius_um", getattr(predictor, "nms_radius_um", 3.0)))
+  predict = _batch_predict_fn(predictor, mesh)
 
   with reader.open_slide(slide_path, mpp=cfg.mpp) as slide:
     ratio = model_mpp / slide.mpp
@@ -298,7 +325,7 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
           imgs[k] = f.result()
         submit_next()
         t0 = time.perf_counter()
-        preds = predictor.predict_tiles(jax.device_put(imgs, sharding))
+        preds = predict(jax.device_put(imgs, sharding))
         t_infer += time.perf_counter() - t0
         rec = collections.defaultdict(list)
         for k, index in enumerate(tiles_idx):

@@ -219,3 +219,50 @@ class DotPredictor:
       keep = t > 0
       out.append(dict(points=p[keep], classes=c[keep], scores=np.minimum(t[keep] / 200.0, 1.0).astype(np.float32)))
     return out
+
+
+def write_random_ndc_checkpoint(path: str | pathlib.Path, variant: str = "tiny", *, window: int = 128,
+                                mpp: float = 0.5, class_names: tuple[str, ...] = ("lymphocyte", "tumor", "stromal"),
+                                score_threshold: float = 0.0, max_detections: int = 64, batch_size: int = 8,
+                                seed: int = 0) -> pathlib.Path:
+  """Writes an NDC checkpoint (`muse_jax.ndc.infer` layout) of a randomly initialised model, for tests and benchmarks.
+
+  A random head scores every proposal low, so `score_threshold` defaults to 0 and `max_detections` bounds the
+  points per tile (before point NMS).
+
+  Args:
+    path: checkpoint directory to create.
+    variant: backbone config name in `configs/models.py` ('tiny', 'vit_s16', ...).
+    window: tile side the predictor uses (multiple of 16).
+    mpp: µm/px the model runs at.
+    class_names: class names stored in the checkpoint.
+    score_threshold, max_detections, batch_size: inference defaults stored in the checkpoint.
+    seed: initialisation seed.
+  """
+  import ml_collections  # noqa: PLC0415
+
+  from configs import models as model_configs  # noqa: PLC0415
+  from muse_jax.ndc import head as head_lib  # noqa: PLC0415
+  from muse_jax.ndc import infer as infer_lib  # noqa: PLC0415
+
+  model_cfg = model_configs.get_config(variant)
+  head_cfg = ml_collections.ConfigDict(dict(stride=4, hidden_dim=64, num_layers=2, bg_prior=0.9))
+  module = head_lib.build_model(model_cfg, head_cfg, len(class_names))
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, window, window, 3), jnp.float32),
+                                              train=False))
+  # numpy initialisation from the shapes alone: compiling `module.init` costs far more than the model's forward
+  rng = np.random.default_rng(seed)
+
+  def init_leaf(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name in ("scale", "var"):
+      return np.ones(leaf.shape, leaf.dtype)
+    if name in ("bias", "mean"):
+      return np.zeros(leaf.shape, leaf.dtype)
+    return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(init_leaf, shapes)
+  infer_cfg = dict(window=window, batch_size=batch_size, score_threshold=score_threshold,
+                   max_detections=max_detections)
+  return pathlib.Path(infer_lib.save_predictor(path, model_cfg, head_cfg, class_names, mpp, dict(variables),
+                                               infer_cfg=infer_cfg))
