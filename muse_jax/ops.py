@@ -12,6 +12,7 @@ of the official MUSE code (so imported weights behave the same):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -205,6 +206,11 @@ def sample_nuclei(f_map: jax.Array, coords: jax.Array, mask: jax.Array | None, i
     `[B, N, C]` in the dtype of `f_map`. Differentiable w.r.t. `f_map` and `coords`.
   """
   _check_sampler_args(f_map, coords, mask, image_size)
+  return _sample_nuclei(f_map, coords, mask, int(image_size))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _sample_nuclei(f_map: jax.Array, coords: jax.Array, mask: jax.Array | None, image_size: int) -> jax.Array:
   b, h, w, c = f_map.shape
   coords = coords.astype(jnp.float32)
   u = coords[..., 0] * ((w - 1) / image_size)
