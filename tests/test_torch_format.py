@@ -154,6 +154,10 @@ def test_files_that_are_not_checkpoints(tmp_path):
     zf.writestr("m/data.pkl", b"\x80\x02N.")
     zf.writestr("m/constants.pkl", b"\x80\x02N.")
     zf.writestr("m/code/__torch__.py", "")
+  with zipfile.ZipFile(tmp_path / "deflated.pth", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("archive/data.pkl", b"\x80\x02N." + b" " * 1000)
+  with pytest.raises(TorchFormatError, match="compressed"):
+    torch_format.load(tmp_path / "deflated.pth")
   with pytest.raises(TorchFormatError, match="TorchScript"):
     torch_format.load(tmp_path / "script.pt")
   with pytest.raises(TorchFormatError, match="cannot read"):

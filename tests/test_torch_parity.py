@@ -329,6 +329,11 @@ def tiny_r50():
   return cfg, model, sd, variables
 
 
+def _apply(module, variables, x, train=False, **kw):
+  """One jitted apply (eager mode would compile every op separately)."""
+  return jax.jit(lambda v, x: module.apply(v, x, train, **kw))(variables, jnp.asarray(x))
+
+
 def _sub(variables, *path):
   out = {}
   for col in ("params", "batch_stats"):
@@ -388,7 +393,7 @@ def test_torch_reimplementation_has_the_official_keys(tiny_vit, tiny_r50):
 def test_vit_block(tiny_vit):
   cfg, model, _, variables = tiny_vit
   x = np.random.default_rng(3).standard_normal((2, 17, cfg.embed_dim), dtype=np.float32)
-  ours = Block(cfg.embed_dim, cfg.num_heads).apply(_sub(variables, "encoder", "blocks_1"), jnp.asarray(x), False)
+  ours = _apply(Block(cfg.embed_dim, cfg.num_heads), _sub(variables, "encoder", "blocks_1"), x)
   with torch.no_grad():
     ref = model.encoder.encoder.blocks[1](torch.from_numpy(x)).numpy()
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
@@ -400,13 +405,13 @@ def test_conv_bn_relu(tiny_vit):
   cin = tl.layer[0].in_channels
   x = np.random.default_rng(4).standard_normal((2, 6, 6, cin), dtype=np.float32)
   layer = ConvLayer(tl.layer[0].out_channels, 3, True)
-  ours = layer.apply(_sub(variables, "decoder", "decoder2", "first_block"), jnp.asarray(x), False)
+  ours = _apply(layer, _sub(variables, "decoder", "decoder2", "first_block"), x)
   with torch.no_grad():
     ref = _nhwc(tl(_nchw(x)))
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
   # Train mode (batch statistics): same outputs.
-  ours_train, _ = layer.apply(_sub(variables, "decoder", "decoder2", "first_block"), jnp.asarray(x), True,
-                              mutable=["batch_stats"])
+  ours_train, _ = _apply(layer, _sub(variables, "decoder", "decoder2", "first_block"), x, True,
+                           mutable=["batch_stats"])
   tl_train = copy.deepcopy(tl).train()  # a copy: train mode updates the running statistics
   with torch.no_grad():
     ref_train = _nhwc(tl_train(_nchw(x)))
@@ -418,14 +423,14 @@ def test_residual_blocks(tiny_vit, tiny_r50):
   tb = model.decoder.decoder1.last_block
   c = tb.conv1.layer[0].in_channels
   x = np.random.default_rng(5).standard_normal((2, 8, 8, c), dtype=np.float32)
-  ours = BasicResBlock(c, c).apply(_sub(variables, "decoder", "decoder1", "last_block"), jnp.asarray(x), False)
+  ours = _apply(BasicResBlock(c, c), _sub(variables, "decoder", "decoder1", "last_block"), x)
   with torch.no_grad():
     ref = _nhwc(tb(_nchw(x)))
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
   cfg, model, _, variables = tiny_r50
   tb = model.encoder.encoder.layer2[0]  # stride 2 with a downsample branch
   x = np.random.default_rng(6).standard_normal((2, 8, 8, tb.conv1.in_channels), dtype=np.float32)
-  ours = Bottleneck(tb.conv1.out_channels, 2).apply(_sub(variables, "encoder", "layer2_0"), jnp.asarray(x), False)
+  ours = _apply(Bottleneck(tb.conv1.out_channels, 2), _sub(variables, "encoder", "layer2_0"), x)
   with torch.no_grad():
     ref = _nhwc(tb(_nchw(x)))
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
@@ -435,7 +440,7 @@ def test_residual_blocks(tiny_vit, tiny_r50):
 def test_full_tiny_backbone_forward(which, request):
   cfg, model, _, variables = request.getfixturevalue(which)
   x = np.random.default_rng(7).standard_normal((2, 64, 64, 3), dtype=np.float32)
-  out = jax.jit(lambda v, x: build_backbone(cfg).apply(v, x, train=False))(variables, jnp.asarray(x))
+  out = _apply(build_backbone(cfg), variables, x)
   with torch.no_grad():
     f_map, f_cls = model(_nchw(x))
   np.testing.assert_allclose(np.asarray(out["f_map"]), _nhwc(f_map), atol=5e-5, rtol=5e-5)

@@ -308,11 +308,22 @@ def _load_zip(zf: zipfile.ZipFile, path: str) -> Any:
     byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
     _check(byteorder in ("little", "big"), path, f"unknown byteorder record {byteorder!r}.")
   infos = {i.filename: i for i in zf.infolist()}
+  archive_size = os.path.getsize(path)
+
+  def check_record(info: zipfile.ZipInfo) -> None:
+    """torch.save stores records uncompressed; a compressed or oversized record is refused before reading it."""
+    _check(info.compress_type == zipfile.ZIP_STORED, path,
+           f"record '{info.filename}' is compressed; torch.save writes uncompressed records (corrupt or not a "
+           "torch.save checkpoint).")
+    _check(info.file_size <= archive_size, path,
+           f"record '{info.filename}' claims {info.file_size} bytes in a {archive_size}-byte file (truncated or "
+           "corrupt).")
 
   def read_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
     name = f"{prefix}data/{key}"
     _check(name in infos, path, f"storage record '{name}' is missing from the archive (truncated or corrupt file).")
     info = infos[name]
+    check_record(info)
     nbytes = numel * dtype.itemsize
     _check(info.file_size == nbytes, path,
            f"storage record '{name}' holds {info.file_size} bytes; the pickle expects {numel} x {dtype} = {nbytes}.")
@@ -331,6 +342,7 @@ def _load_zip(zf: zipfile.ZipFile, path: str) -> Any:
       array = array.view(dtype.newbyteorder(">")).astype(dtype)
     return array
 
+  check_record(infos[pkls[0]])
   data = zf.read(pkls[0])
   try:
     return _RestrictedUnpickler(data, path, read_storage).load()
@@ -512,6 +524,9 @@ def save(path: PathLike, obj: Any, *, archive_name: str = "archive") -> None:
           array = array.astype(array.dtype.newbyteorder("<"))
         write_record(f"data/{key}", memoryview(array.reshape(-1).view(np.uint8)), align=True)
       write_record("version", b"3\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
