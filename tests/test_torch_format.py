@@ -266,3 +266,12 @@ def test_torch_reads_what_we_save(tmp_path):
     assert got["teacher"]["bf"].dtype == torch.bfloat16 and got["teacher"]["n"].dtype == torch.int64
     for k in ("epoch", "lr", "big", "mid", "neg", "name", "flags", "shape", "one"):
       assert got[k] == tree[k], k
+
+
+@pytest.mark.torch
+def test_legacy_torch_files_are_refused_clearly(tmp_path):
+  torch = pytest.importorskip("torch")
+  path = tmp_path / "legacy.pth"
+  torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+  with pytest.raises(TorchFormatError, match="legacy"):
+    torch_format.load(path)
