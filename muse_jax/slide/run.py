@@ -255,6 +255,8 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
     ValueError: bad settings, or `out_dir` holds parts of a different run (without `overwrite`).
   """
   cfg = config or SlideRunConfig()
+  if cfg.object_type not in outputs.OBJECT_TYPES:
+    raise ValueError(f"object_type: got {cfg.object_type!r}, expected one of {outputs.OBJECT_TYPES}")
   t_start = time.perf_counter()
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +276,10 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
     ratio = model_mpp / slide.mpp
     width, height = slide.size_at_mpp(model_mpp)
     grid = tiling.make_grid(width, height, window, cfg.overlap)
+    seam_px = merge_um / model_mpp  # model px
+    if not 0 < seam_px <= grid.overlap / 2:
+      raise ValueError(f"merge radius {merge_um} µm = {seam_px:.1f} px at {model_mpp} µm/px: expected > 0 and "
+                       f"at most overlap/2 = {grid.overlap / 2} px; raise --overlap or lower the merge radius")
     thumb = slide.thumbnail(cfg.mask_mpp)
     mask = tissue.tissue_mask(thumb, cfg.mask_mpp, min_area_um2=cfg.min_tissue_area_um2)
     Image.fromarray(mask.astype(np.uint8) * 255).save(out / "tissue.png")
@@ -286,10 +292,6 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
     entries = _prepare_parts(out, meta, cfg.overwrite)
     done = {t for _, ts in entries for t in ts}
     todo = [int(t) for t in selected if int(t) not in done]
-    seam_px = merge_um / model_mpp  # model px
-    if not 0 < seam_px <= grid.overlap / 2:
-      raise ValueError(f"merge radius {merge_um} µm = {seam_px:.1f} px at {model_mpp} µm/px: expected > 0 and at most "
-                       f"overlap/2 = {grid.overlap / 2} px; raise the overlap (--overlap) or lower the merge radius")
 
     def read_tile(index: int) -> np.ndarray:
       ox, oy = grid.origin(index)

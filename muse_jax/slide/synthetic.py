@@ -125,7 +125,8 @@ def write_synthetic_slide(path: str | pathlib.Path, width: int = 2048, height: i
   Args:
     path: output `.tif` file.
     width, height: level-0 size in pixels.
-    mpp: level-0 µm/px stored in the resolution tags (unit centimetre); None writes no resolution, so readers see no mpp.
+    mpp: level-0 µm/px stored in the resolution tags (unit centimetre); None writes no resolution (readers see no
+      mpp).
     tissue: False writes background only (no tissue, no dots).
     spacing: dot grid spacing in level-0 pixels.
     tile: TIFF tile side (multiple of 16).

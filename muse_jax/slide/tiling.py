@@ -120,21 +120,21 @@ def tissue_tiles(grid: TileGrid, mask: np.ndarray, mask_scale: float) -> np.ndar
   h, w = mask.shape
   integral = np.zeros((h + 1, w + 1), np.int64)
   integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), 0), 1)
-  keep = []
-  for index in range(grid.num_tiles):
-    x0, y0, x1, y1 = grid.core(index)
-    ox, oy = grid.origin(index)
-    x0 = ox if not math.isfinite(x0) else x0
-    y0 = oy if not math.isfinite(y0) else y0
-    x1 = ox + grid.tile if not math.isfinite(x1) else x1
-    y1 = oy + grid.tile if not math.isfinite(y1) else y1
-    # one mask pixel of slack on each side, for rounding
-    mx0 = int(np.clip(math.floor(x0 * mask_scale) - 1, 0, w))
-    my0 = int(np.clip(math.floor(y0 * mask_scale) - 1, 0, h))
-    mx1 = int(np.clip(math.ceil(x1 * mask_scale) + 1, 0, w))
-    my1 = int(np.clip(math.ceil(y1 * mask_scale) + 1, 0, h))
-    if mx1 > mx0 and my1 > my0:
-      total = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
-      if total > 0:
-        keep.append(index)
-  return np.asarray(keep, np.int64)
+  s, half = grid.stride, grid.overlap / 2
+  # core bounds along each axis (the outer cores end at the tile's own edge)
+
+  def bounds(n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    i = np.arange(n)
+    lo = np.where(i == 0, 0.0, i * s + half)
+    hi = np.where(i == n - 1, np.maximum((n - 1) * s + grid.tile, length), (i + 1) * s + half)
+    lo = np.clip(np.floor(lo * mask_scale) - 1, 0, None).astype(np.int64)
+    hi = np.ceil(hi * mask_scale + 1).astype(np.int64)
+    return lo, hi
+
+  x0, x1 = bounds(grid.nx, grid.width)
+  y0, y1 = bounds(grid.ny, grid.height)
+  x0, x1 = np.clip(x0, 0, w), np.clip(x1, 0, w)  # one mask pixel of slack on each side, for rounding
+  y0, y1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
+  total = (integral[y1[:, None], x1[None, :]] - integral[y0[:, None], x1[None, :]]
+           - integral[y1[:, None], x0[None, :]] + integral[y0[:, None], x0[None, :]])
+  return np.nonzero(total.ravel() > 0)[0].astype(np.int64)
