@@ -211,3 +211,25 @@ def test_bad_source_names():
   cfg.source = 'folder:/tmp'
   with pytest.raises(ValueError, match='region_mpp'):
     pipeline.open_pretrain_source(cfg)
+
+
+def test_photometric_known_answers():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 200, (16, 16, 3), dtype=np.uint8)
+  # Brightness alone: x -> b x with the same draw as the function.
+  b = np.random.default_rng(5)
+  b.permutation(4)
+  factor = b.uniform(0.6, 1.4)
+  out = np.asarray(views.color_jitter(Image.fromarray(img), np.random.default_rng(5), 0.4, 0.0, 0.0, 0.0))
+  np.testing.assert_allclose(out, np.clip(img * factor, 0, 255), atol=1.0)
+  # Saturation 0 -> gray; hue rotation keeps gray pixels gray.
+  gray = np.full((4, 4, 3), 90, np.uint8)
+  out = np.asarray(views.color_jitter(Image.fromarray(gray), np.random.default_rng(1), 0.0, 0.0, 0.0, 0.5))
+  assert np.abs(out.astype(int) - 90).max() <= 1
+  cfg = _no_photometric(pipeline.default_data_config())
+  cfg.grayscale_p = 1.0
+  g = views.photometric(img, rng, cfg, blur_p=0.0, solarize_p=1.0)
+  assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+  lum = np.asarray(Image.fromarray(img).convert('L'))
+  np.testing.assert_array_equal(g[..., 0], np.where(lum >= 128, 255 - lum, lum))

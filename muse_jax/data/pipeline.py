@@ -77,7 +77,9 @@ def default_data_config(variant: str = 'default') -> ml_collections.ConfigDict:
   c.stain_jitter = 0.0          # H&E stain jitter strength (0 = off; try 0.05)
   # Loading.
   c.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
-  c.prefetch_buffer = 2         # batches buffered per worker
+  c.prefetch_buffer = 2         # batches buffered per worker process
+  c.read_threads = 4            # threads computing batches (in-process, and inside each worker)
+  c.read_buffer = 4             # batches those threads may compute ahead
   c.detector = ml_collections.ConfigDict({'min_distance_um': 3.0, 'sigma_um': 3.0, 'threshold_scale': 1.0})
   if variant == 'lfov':
     c.global_size, c.local_size = 512, 208
@@ -189,7 +191,8 @@ def make_pretrain_dataset(source, data_cfg: ml_collections.ConfigDict, *, seed: 
   ds = ds.seed(seed).shuffle().repeat()
   ds = ds.random_map(_MakeViews(cfg))
   ds = ds.batch(batch_size, drop_remainder=True)
-  it = ds.to_iter_dataset()
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg['read_threads']),
+                                            prefetch_buffer_size=int(cfg['read_buffer'])))
   if cfg['num_workers'] > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg['num_workers']),
                                                      per_worker_buffer_size=int(cfg['prefetch_buffer'])))

@@ -16,10 +16,10 @@ Geometry (all in the PIL/edge convention internally, pixel centres at integers f
   region), so that local and global views share nuclei (spec §3.2, "making views overlap").
 * Geometric augmentation per view: horizontal flip `x -> size - 1 - x`, vertical flip `y -> size - 1 - y`,
   90° rotation counter-clockwise (`np.rot90`) `(x, y) -> (y, size - 1 - x)`.
-* Photometric augmentation per view (DINO): colour jitter (brightness, contrast, saturation, hue; random order;
-  hue is a rotation of the chroma plane in YIQ space, an approximation of torchvision's HSV hue shift), grayscale,
-  Gaussian blur (PIL, sigma in `blur_sigma`), solarisation (x >= 128 -> 255 - x), optional H&E stain jitter
-  (scale/shift of the haematoxylin/eosin/DAB optical densities, skimage `rgb2hed`/`hed2rgb`).
+* Photometric augmentation per view (DINO): colour jitter (brightness, contrast, saturation, hue in random order,
+  composed into one affine colour map; hue is a YIQ chroma rotation), grayscale, Gaussian blur (PIL, sigma in
+  `blur_sigma`), solarisation (x >= 128 -> 255 - x), optional H&E stain jitter (scale/shift of the
+  haematoxylin/eosin/DAB optical densities, skimage `rgb2hed`/`hed2rgb`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 # ----------------------------------------------------------------------------------------------------- geometry
 
@@ -63,29 +63,39 @@ def place_view(rng: np.random.Generator, region_hw: tuple[int, int], fov: float,
   return out[0], out[1]
 
 
-def crop_resize(image: np.ndarray, x0: float, y0: float, fov: float, size: int, pad_mode: str = 'reflect',
-                resample: int = Image.BILINEAR) -> np.ndarray:
-  """Cuts the `fov` x `fov` window at `(x0, y0)` (edge coordinates) and resizes it to `size` x `size` (uint8).
+def crop_resize_pil(image: np.ndarray | Image.Image, x0: float, y0: float, fov: float, size: int,
+                    pad_mode: str = 'reflect', resample: int = Image.BILINEAR) -> Image.Image:
+  """Cuts the `fov` x `fov` window at `(x0, y0)` (edge coordinates) and resizes it to `size` x `size`.
 
-  Pixels outside the image are filled with `pad_mode` ('reflect' or 'constant' = 255).
+  `image` is uint8 [H,W,3] or a PIL RGB image of it. Pixels outside the image are filled with `pad_mode`
+  ('reflect' or 'constant' = 255). PIL's resize filters with a support scaled to the downsampling factor
+  (antialiased), like cv2.INTER_AREA rather than plain bilinear sampling.
   """
-  h, w = image.shape[:2]
+  w, h = (image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0]))
   pl, pt = max(0, math.ceil(-x0)), max(0, math.ceil(-y0))
   pr, pb = max(0, math.ceil(x0 + fov - w)), max(0, math.ceil(y0 + fov - h))
-  # Only the part of the image that the box touches (+1 px for the filter) is converted.
+  if not (pl or pt or pr or pb):
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+    return im.resize((size, size), resample, box=(x0, y0, x0 + fov, y0 + fov))
+  arr = np.asarray(image)
+  # Only the part of the image that the box touches (+2 px for the filter) is padded.
   cx0, cy0 = max(0, int(math.floor(x0)) - 2), max(0, int(math.floor(y0)) - 2)
   cx1, cy1 = min(w, int(math.ceil(x0 + fov)) + 2), min(h, int(math.ceil(y0 + fov)) + 2)
-  sub = image[cy0:cy1, cx0:cx1]
-  if pl or pt or pr or pb:
-    if pad_mode == 'constant':
-      sub = np.pad(sub, ((pt, pb), (pl, pr), (0, 0)), mode='constant', constant_values=255)
-    elif pad_mode == 'reflect':
-      sub = np.pad(sub, ((pt, pb), (pl, pr), (0, 0)), mode='reflect' if min(sub.shape[:2]) > 1 else 'edge')
-    else:
-      raise ValueError(f'pad_mode {pad_mode!r}: expected "reflect" or "constant".')
+  sub = arr[cy0:cy1, cx0:cx1]
+  if pad_mode == 'constant':
+    sub = np.pad(sub, ((pt, pb), (pl, pr), (0, 0)), mode='constant', constant_values=255)
+  elif pad_mode == 'reflect':
+    sub = np.pad(sub, ((pt, pb), (pl, pr), (0, 0)), mode='reflect' if min(sub.shape[:2]) > 1 else 'edge')
+  else:
+    raise ValueError(f'pad_mode {pad_mode!r}: expected "reflect" or "constant".')
   bx, by = x0 - cx0 + pl, y0 - cy0 + pt
-  im = Image.fromarray(np.ascontiguousarray(sub))
-  return np.asarray(im.resize((size, size), resample, box=(bx, by, bx + fov, by + fov)), dtype=np.uint8)
+  return Image.fromarray(np.ascontiguousarray(sub)).resize((size, size), resample, box=(bx, by, bx + fov, by + fov))
+
+
+def crop_resize(image: np.ndarray, x0: float, y0: float, fov: float, size: int, pad_mode: str = 'reflect',
+                resample: int = Image.BILINEAR) -> np.ndarray:
+  """`crop_resize_pil` returning uint8 [size, size, 3]."""
+  return np.asarray(crop_resize_pil(image, x0, y0, fov, size, pad_mode, resample), dtype=np.uint8)
 
 
 def map_coords(coords: np.ndarray, x0: float, y0: float, fov: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,50 +106,77 @@ def map_coords(coords: np.ndarray, x0: float, y0: float, fov: float, size: int) 
   return out, inside
 
 
-def flip_rotate(image: np.ndarray, coords: np.ndarray, hflip: bool, vflip: bool, k: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """Applies h-flip, v-flip, then `k` counter-clockwise 90° rotations to a square view and its coords."""
-  size = image.shape[0]
-  c = np.array(coords, np.float32, copy=True)
+def geometric_coords(coords: np.ndarray, size: int, hflip: bool, vflip: bool, k: int) -> np.ndarray:
+  """Coordinates [N,2] under h-flip, v-flip, then `k` counter-clockwise 90° rotations of a `size` px square."""
+  c = np.array(coords, np.float32, copy=True).reshape(-1, 2)
   if hflip:
-    image = image[:, ::-1]
     c[:, 0] = size - 1 - c[:, 0]
   if vflip:
-    image = image[::-1]
     c[:, 1] = size - 1 - c[:, 1]
   for _ in range(k % 4):
-    image = np.rot90(image)
     c = np.stack([c[:, 1], size - 1 - c[:, 0]], axis=1)
-  return np.ascontiguousarray(image), c.astype(np.float32)
+  return c.astype(np.float32)
+
+
+_ROT = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+
+
+def flip_rotate_pil(im: Image.Image, hflip: bool, vflip: bool, k: int) -> Image.Image:
+  """The image half of `geometric_coords` with PIL (ROTATE_90 is counter-clockwise, as `np.rot90`)."""
+  if hflip:
+    im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  if vflip:
+    im = im.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+  if k % 4:
+    im = im.transpose(_ROT[k % 4])
+  return im
+
+
+def flip_rotate(image: np.ndarray, coords: np.ndarray, hflip: bool, vflip: bool, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Applies h-flip, v-flip, then `k` counter-clockwise 90° rotations to a square view (uint8) and its coords."""
+  im = flip_rotate_pil(Image.fromarray(np.ascontiguousarray(image)), hflip, vflip, k)
+  return np.asarray(im), geometric_coords(coords, image.shape[0], hflip, vflip, k)
 
 
 # ----------------------------------------------------------------------------------------------------- photometric
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
-_YIQ2RGB = np.linalg.inv(_RGB2YIQ).astype(np.float32)
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = np.linalg.inv(_RGB2YIQ)
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float, saturation: float,
-                 hue: float) -> np.ndarray:
-  """DINO/torchvision-style colour jitter on float32 [H,W,3] in [0,255], ops in random order, clipped after each."""
-  order = rng.permutation(4)
-  for op in order:
+def color_jitter(im: Image.Image, rng: np.random.Generator, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> Image.Image:
+  """DINO's colour jitter (torchvision semantics) as one affine colour map, the four adjustments in random order.
+
+  brightness: `x -> b x`; contrast: blend with the mean gray level, `x -> c x + (1 - c) mean(gray)`; saturation:
+  blend with the grayscale image; factors U(1-x, 1+x). hue: rotation of the chroma plane in YIQ space by
+  U(-hue, hue) of a full turn (a linear stand-in for torchvision's HSV hue shift). All four are affine in RGB, so
+  they are composed (in the drawn order) and applied in one pass with `PIL.Image.convert(matrix=...)`; unlike
+  torchvision, values are clipped to [0, 255] only once, at the end.
+  """
+  a = np.eye(3)
+  t = np.zeros(3)
+  mean_rgb = np.asarray(im.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0)), np.float64)  # mean, rounded
+  for op in rng.permutation(4):
     if op == 0 and brightness > 0:
-      img = np.clip(img * rng.uniform(1 - brightness, 1 + brightness), 0, 255)
+      m, d = np.eye(3) * rng.uniform(max(0.0, 1 - brightness), 1 + brightness), np.zeros(3)
     elif op == 1 and contrast > 0:
-      m = float((img @ _LUMA).mean())
-      img = np.clip((img - m) * rng.uniform(1 - contrast, 1 + contrast) + m, 0, 255)
+      c = rng.uniform(max(0.0, 1 - contrast), 1 + contrast)
+      gray_mean = float(_LUMA @ (a @ mean_rgb + t))
+      m, d = np.eye(3) * c, np.full(3, (1 - c) * gray_mean)
     elif op == 2 and saturation > 0:
-      g = (img @ _LUMA)[..., None]
-      img = np.clip((img - g) * rng.uniform(1 - saturation, 1 + saturation) + g, 0, 255)
+      sat = rng.uniform(max(0.0, 1 - saturation), 1 + saturation)
+      m, d = sat * np.eye(3) + (1 - sat) * np.outer(np.ones(3), _LUMA), np.zeros(3)
     elif op == 3 and hue > 0:
       theta = 2 * np.pi * rng.uniform(-hue, hue)
-      c, s = np.cos(theta), np.sin(theta)
-      rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
-      m = (_YIQ2RGB @ rot @ _RGB2YIQ).T.astype(np.float32)
-      img = np.clip(img @ m, 0, 255)
-  return img
+      co, si = np.cos(theta), np.sin(theta)
+      m, d = _YIQ2RGB @ np.array([[1, 0, 0], [0, co, -si], [0, si, co]]) @ _RGB2YIQ, np.zeros(3)
+    else:
+      continue
+    a, t = m @ a, m @ t + d
+  return im.convert('RGB', matrix=tuple(np.concatenate([a, t[:, None]], axis=1).ravel().tolist()))
 
 
 def stain_jitter(img_u8: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -152,26 +189,28 @@ def stain_jitter(img_u8: np.ndarray, rng: np.random.Generator, strength: float) 
   return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def photometric_pil(im: Image.Image, rng: np.random.Generator, cfg: Mapping[str, Any], *, blur_p: float,
+                    solarize_p: float) -> Image.Image:
+  """The per-view photometric pipeline on a PIL RGB image: stain jitter, colour jitter, grayscale, blur, solarise."""
+  if cfg.get('stain_jitter', 0.0) > 0:
+    im = Image.fromarray(stain_jitter(np.asarray(im), rng, float(cfg['stain_jitter'])))
+  if rng.uniform() < cfg['color_jitter_p']:
+    im = color_jitter(im, rng, cfg['brightness'], cfg['contrast'], cfg['saturation'], cfg['hue'])
+  if rng.uniform() < cfg['grayscale_p']:
+    im = im.convert('L').convert('RGB')
+  if rng.uniform() < blur_p:
+    im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*cfg['blur_sigma']))))
+  if rng.uniform() < solarize_p:
+    im = ImageOps.solarize(im, 128)
+  return im
+
+
 def photometric(img_u8: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any], *, blur_p: float,
                 solarize_p: float) -> np.ndarray:
-  """The per-view photometric pipeline: stain jitter, colour jitter, grayscale, blur, solarise. uint8 in/out."""
-  img = img_u8
-  if cfg.get('stain_jitter', 0.0) > 0:
-    img = stain_jitter(img, rng, float(cfg['stain_jitter']))
-  f = None
-  if rng.uniform() < cfg['color_jitter_p']:
-    f = color_jitter(img.astype(np.float32), rng, cfg['brightness'], cfg['contrast'], cfg['saturation'], cfg['hue'])
-  if rng.uniform() < cfg['grayscale_p']:
-    f = img.astype(np.float32) if f is None else f
-    f = np.repeat((f @ _LUMA)[..., None], 3, axis=-1)
-  if f is not None:
-    img = (f + 0.5).astype(np.uint8)
-  if rng.uniform() < blur_p:
-    sigma = rng.uniform(*cfg['blur_sigma'])
-    img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
-  if rng.uniform() < solarize_p:
-    img = np.where(img >= 128, 255 - img, img).astype(np.uint8)
-  return np.ascontiguousarray(img)
+  """`photometric_pil` on uint8 [H, W, 3] arrays."""
+  im = photometric_pil(Image.fromarray(np.ascontiguousarray(img_u8)), rng, cfg, blur_p=blur_p,
+                       solarize_p=solarize_p)
+  return np.asarray(im, dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------- views
@@ -191,19 +230,21 @@ def pad_nuclei(coords: np.ndarray, ids: np.ndarray, max_nuclei: int, rng: np.ran
   return c, i, m
 
 
-def _one_view(image, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_nuclei, blur_p, solarize_p):
+def _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_nuclei, blur_p, solarize_p):
+  hw = (region.size[1], region.size[0])
   fov = size * mpp / region_mpp
-  x0, y0 = place_view(rng, image.shape[:2], fov, center)
-  view = crop_resize(image, x0, y0, fov, size, cfg['pad_mode'])
+  x0, y0 = place_view(rng, hw, fov, center)
+  im = crop_resize_pil(region, x0, y0, fov, size, cfg['pad_mode'])
   vc, inside = map_coords(coords, x0, y0, fov, size)
   vc, vid = vc[inside], ids[inside]
   hflip = bool(cfg['flips']) and rng.uniform() < 0.5
   vflip = bool(cfg['flips']) and rng.uniform() < 0.5
   k = int(rng.integers(4)) if cfg['rot90'] else 0
-  view, vc = flip_rotate(view, vc, hflip, vflip, k)
-  view = photometric(view, rng, cfg, blur_p=blur_p, solarize_p=solarize_p)
+  im = flip_rotate_pil(im, hflip, vflip, k)
+  vc = geometric_coords(vc, size, hflip, vflip, k)
+  im = photometric_pil(im, rng, cfg, blur_p=blur_p, solarize_p=solarize_p)
   c, i, m = pad_nuclei(vc, vid, max_nuclei, rng)
-  return view, c, i, m, (x0, y0, fov)
+  return np.asarray(im, dtype=np.uint8), c, i, m, (x0, y0, fov)
 
 
 def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping[str, Any]) -> dict:
@@ -224,6 +265,7 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
     raise ValueError(f'region image has shape {image.shape}, expected [H, W, 3].')
   coords = np.asarray(record['coords'], np.float32).reshape(-1, 2)
   ids = np.arange(len(coords), dtype=np.int32)
+  region = Image.fromarray(np.ascontiguousarray(image))
   region_mpp = cfg['region_mpp'] if cfg['region_mpp'] is not None else float(np.asarray(record['mpp']))
   blur_g1, blur_g2, blur_l = cfg['blur_p']
   out = {}
@@ -243,7 +285,7 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
         if cfg['local_in_global'] and boxes:
           gx0, gy0, gf = boxes[int(rng.integers(len(boxes)))]
           center = (gx0 + rng.uniform(0, gf), gy0 + rng.uniform(0, gf))
-      im, c, i, m, box = _one_view(image, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_n, blur_p, sol_p)
+      im, c, i, m, box = _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_n, blur_p, sol_p)
       if group == 'global':
         boxes.append(box)
       ims.append(im), cs.append(c), is_.append(i), ms.append(m), mpps.append(mpp)

@@ -1,0 +1,166 @@
+"""Data-layer benchmark: pipeline throughput vs. backbone consumption, shared nuclei, detector F1.
+
+    python experiments/bench_data.py                         # bundled sample
+    python experiments/bench_data.py --data /path/to/BRCA-M2C --batches 10 --repeats 3
+
+Reports:
+1. regions/s of the default pretraining recipe (2 x 224 global + 8 x 96 local views per region, all augmentations)
+   with 0, 1 and 2 Grain workers (median of `--repeats` timings of `--batches` batches, after a warm-up that
+   includes worker start-up and drains the batches computed ahead; 0 workers = in-process, `read_threads` threads);
+2. the rate at which a ViT-S/16 consumes regions: student forward+backward on the 2 global and 8 local views plus
+   the teacher forward on the 2 global views (the pretraining step's backbone work, without heads and optimiser),
+   measured in the same run, and the ratio pipeline / consumer (target >= 2);
+3. the mean number of nuclei shared by a local view and the global view it was placed in, and by a (global,
+   local) pair in general;
+4. with `--data`: the classical detector's precision / recall / F1 on the BRCA-M2C test split at a 3 µm radius.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _pipeline_rate(source, cfg, batch_size: int, batches: int, repeats: int) -> float:
+  from muse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = iter(pipeline.make_pretrain_dataset(source, cfg, seed=0, batch_size=batch_size))
+  # Warm-up: worker start-up, then drain what the threads and workers computed ahead, so that the timed batches
+  # arrive at the production rate.
+  lead = max(1, cfg.num_workers) * (cfg.read_threads + cfg.read_buffer + cfg.prefetch_buffer) + 1
+  for _ in range(lead):
+    next(it)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    times.append(time.perf_counter() - t)
+  if hasattr(it, 'close'):
+    it.close()
+  return batches * batch_size / statistics.median(times)
+
+
+def _consumer_rate(cfg, batch_size: int, repeats: int, variant: str, dtype: str | None) -> float | None:
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from configs.models import get_config  # pylint: disable=g-import-not-at-top
+    from muse_jax.models import build_backbone  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    print(f'(no backbone available: {e})')
+    return None
+  mcfg = get_config(variant)
+  if dtype:
+    mcfg.dtype = dtype
+  print(f'consumer: {variant} ({mcfg.get("dtype", "float32")}) on {jax.devices()[0].platform}')
+  model = build_backbone(mcfg)
+  g = jnp.zeros((batch_size * cfg.n_global, cfg.global_size, cfg.global_size, 3), jnp.float32)
+  loc = jnp.zeros((batch_size * cfg.n_local, cfg.local_size, cfg.local_size, 3), jnp.float32)
+  variables = model.init(jax.random.key(0), g[:1], train=False)
+
+  def loss(params, rest, x):
+    out, _ = model.apply({'params': params, **rest}, x, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(1)})
+    return jnp.mean(out['f_map'] ** 2) + jnp.mean(out['f_cls'] ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  params = variables['params']
+  rest = {k: v for k, v in variables.items() if k != 'params'}
+
+  def step():
+    a = grad(params, rest, g)
+    b = grad(params, rest, loc)
+    c = fwd(variables, g)
+    jax.block_until_ready((a, b, c))
+
+  step()  # compile
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  return batch_size / statistics.median(times)
+
+
+def _shared(source, cfg, n: int) -> tuple[float, float, float, float]:
+  from muse_jax.data import views  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  best, pair, nl, ng = [], [], [], []
+  for k in range(n):
+    ex = views.make_views(source[k % len(source)], rng, cfg)
+    s = views.shared_nuclei(ex)
+    best.append(s.max(axis=0))
+    pair.append(s)
+    nl.append(ex['local']['mask'].sum(-1))
+    ng.append(ex['global']['mask'].sum(-1))
+  return (float(np.mean(best)), float(np.mean(pair)), float(np.mean(np.concatenate(nl))),
+          float(np.mean(np.concatenate(ng))))
+
+
+def _detector_f1(data_dir: str) -> tuple[float, float, float, int]:
+  from muse_jax.data import detect, readers  # pylint: disable=g-import-not-at-top
+  tot = np.zeros(3, np.int64)
+  samples = readers.read_brca_m2c(data_dir, 'test')
+  for s in samples:
+    tot += detect.match_points(detect.detect_nuclei(s.image, s.mpp), s.coords, 3.0 / s.mpp)
+  return (*detect.f1_score(*tot), len(samples))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--data', default=None, help='BRCA-M2C folder (default: the bundled sample)')
+  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--batches', type=int, default=5)
+  p.add_argument('--model_batch', type=int, default=None, help='consumer batch (default: --batch_size)')
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--workers', default='0,1,2')
+  p.add_argument('--model', default='vit_s16')
+  p.add_argument('--dtype', default=None, help='model compute dtype override (e.g. bfloat16)')
+  p.add_argument('--skip_model', action='store_true')
+  a = p.parse_args(argv)
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  from muse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = pipeline.default_data_config()
+  cfg.source = f'brca:{a.data}' if a.data else 'bundled'
+  source = pipeline.open_pretrain_source(cfg)
+  print(f'source {cfg.source}: {len(source)} regions; recipe {cfg.n_global}x{cfg.global_size} + '
+        f'{cfg.n_local}x{cfg.local_size}, mpp {cfg.mpp_dist} {tuple(cfg.mpp_range)}')
+
+  rows = []
+  for w in [int(x) for x in a.workers.split(',')]:
+    cfg.num_workers = w
+    rows.append((f'pipeline, {w} worker(s)', _pipeline_rate(source, cfg, a.batch_size, a.batches, a.repeats)))
+  consumer = None if a.skip_model else _consumer_rate(cfg, a.model_batch or a.batch_size, a.repeats, a.model, a.dtype)
+  best = max(r for _, r in rows)
+  print('\n| what | regions/s | ratio to consumer |')
+  print('| --- | ---: | ---: |')
+  for name, r in rows:
+    print(f'| {name} | {r:.1f} | {r / consumer:.1f}x |' if consumer else f'| {name} | {r:.1f} | - |')
+  if consumer:
+    print(f'| {a.model} ({a.dtype or "float32"}) student fwd+bwd (2 global + 8 local) + teacher fwd (2 global), batch {a.model_batch or a.batch_size} | '
+          f'{consumer:.2f} | 1.0x |')
+    print(f'\nbest pipeline / consumer = {best / consumer:.1f}x (target >= 2x)')
+
+  best_s, pair_s, nl, ng = _shared(source, cfg, 64)
+  print(f'\nshared nuclei (default recipe, 64 regions): local view & its best global view {best_s:.1f}; '
+        f'any (global, local) pair {pair_s:.1f}; nuclei per local view {nl:.1f}, per global view {ng:.1f}')
+  if a.data:
+    pr, rc, f1, n = _detector_f1(a.data)
+    print(f'classical detector on BRCA-M2C test ({n} tiles), 3 µm radius: precision {pr:.3f} recall {rc:.3f} '
+          f'F1 {f1:.3f}')
+  import os  # pylint: disable=g-import-not-at-top
+  print(f'\nmachine: {os.cpu_count()} CPUs')
+  print('\ncommand: python experiments/bench_data.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
