@@ -7,13 +7,15 @@
 2. lay a tile grid at the predictor's mpp (`tiling.make_grid`, tile = `predictor.window`, `config.overlap`) and keep
    the tiles whose core touches tissue;
 3. read tiles with a thread pool (`num_readers` threads, `prefetch_batches` batches ahead) into fixed-size batches,
-   put each batch on a 1-D data mesh of all devices (`NamedSharding(mesh, P('data'))`) and call
-   `predictor.predict_tiles`; keep each point only if it lies in the tile's core grown by the merge radius r
-   (`TileGrid.in_core`), and flag it as a seam point when it is within 2r of an inner core border (a duplicate
-   pair, at most r apart with each point within r of its own core, always lies in that band);
-4. stream every batch to `out_dir/parts/part_NNNNNN.npz` (level-0 points, classes, scores, tile, seam flag), then append
-   the batch's tiles to `parts/done.txt`. Memory stays flat: nothing but the current batches is held. A rerun with the
-   same slide and settings skips the tiles listed there (resume after a crash or a `max_batches` stop);
+   put each batch on a 1-D data mesh of all devices (`NamedSharding(mesh, P('data'))`) and dispatch the model; a
+   writer thread collects each batch's points while the next batch computes, keeps each point only if it lies in
+   the tile's core grown by the merge radius r (`TileGrid.in_core`), and flags it as a seam point when it is within
+   2r of an inner core border (a duplicate pair, at most r apart with each point within r of its own core, always
+   lies in that band);
+4. every batch is streamed to `out_dir/parts/part_NNNNNN.npz` (level-0 points, classes, scores, tile, seam flag), then
+   its tiles are appended to `parts/done.txt`. Memory stays flat: nothing but the batches in flight is held. A rerun
+   with the same slide and settings skips the tiles listed there (resume after a crash or a `max_batches` stop; a
+   crash loses at most the batches in flight);
 5. seam pass: only the seam points (a band of 3r around each core border) are loaded together; a k-d tree merges
    pairs from different tiles within r of each other, keeping the higher score (greedy point-NMS);
 6. exports, streamed part by part: `nuclei.csv` (x, y in level-0 px, class name, score), `nuclei.geojson` (QuPath
@@ -25,7 +27,7 @@ The predictor protocol: any object with `predict_tiles(uint8 [B, S, S, 3]) -> li
 (µm/px the model runs at), `window` (S), and optionally `merge_radius_um` or `nms_radius_um` (µm; the seam-merge
 radius unless `config.merge_radius_um` is set). `predict_tiles` receives a batch sharded over the mesh
 (`jax.Array`); a predictor that wants numpy may call `np.asarray` on it. `muse_jax.ndc.infer.Predictor` is run
-through its jitted forward directly, so its batch stays sharded (`_batch_predict_fn`).
+through its jitted forward directly, so its batch stays sharded (`_batch_predict_fns`).
 """
 from __future__ import annotations
 
@@ -104,26 +106,33 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.array(devices), ("data",))
 
 
-def _batch_predict_fn(predictor: TilePredictor, mesh: Mesh):
-  """The function that runs one sharded batch: `fn(tiles jax.Array [B, S, S, 3]) -> list of B dicts`.
+def _batch_predict_fns(predictor: TilePredictor, mesh: Mesh):
+  """How one sharded batch is run: `(dispatch, collect)`, `collect(dispatch(tiles)) -> list of B dicts`.
+
+  `dispatch` starts the work on the devices and returns at once where it can (JAX's asynchronous dispatch); `collect`
+  waits for it and post-processes on the host. `run` collects a batch on a writer thread while the main thread
+  dispatches the next one.
 
   For `muse_jax.ndc.infer.Predictor` (it has a jitted `_forward(variables, tiles)` and `_postprocess`), the forward
   runs directly on the sharded batch with the variables replicated over the mesh, so each device computes its slice
   of the batch; its `predict_tiles` would copy the batch to the host first. Any other predictor gets the sharded
-  batch through `predict_tiles`.
+  batch through `predict_tiles` (synchronous).
   """
   forward, post = getattr(predictor, "_forward", None), getattr(predictor, "_postprocess", None)
   variables = getattr(predictor, "variables", None)
   if not (callable(forward) and callable(post) and variables is not None):
-    return predictor.predict_tiles
+    return predictor.predict_tiles, lambda preds: preds
   replicated = jax.device_put(variables, NamedSharding(mesh, P()))
   radius_px = float(getattr(predictor, "nms_radius_um", 3.0)) / float(predictor.mpp)
 
-  def fn(tiles: jax.Array) -> list[dict[str, np.ndarray]]:
-    pts, cls, sc = jax.device_get(forward(replicated, tiles))
+  def dispatch(tiles: jax.Array) -> Any:
+    return forward(replicated, tiles)
+
+  def collect(handle: Any) -> list[dict[str, np.ndarray]]:
+    pts, cls, sc = jax.device_get(handle)
     return [post(pts[i], cls[i], sc[i], radius_px) for i in range(len(pts))]
 
-  return fn
+  return dispatch, collect
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -270,7 +279,7 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
   merge_um = cfg.merge_radius_um
   if merge_um is None:
     merge_um = float(getattr(predictor, "merge_radius_um", getattr(predictor, "nms_radius_um", 3.0)))
-  predict = _batch_predict_fn(predictor, mesh)
+  dispatch, collect = _batch_predict_fns(predictor, mesh)
 
   with reader.open_slide(slide_path, mpp=cfg.mpp) as slide:
     ratio = model_mpp / slide.mpp
@@ -306,9 +315,39 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
       bar = tqdm(total=len(selected), initial=len(done), unit="tile", desc=pathlib.Path(slide_path).name,
                  dynamic_ncols=True)
     parts = out / PARTS_DIR
-    next_part = len(entries)
-    t_infer, n_run = 0.0, 0
+    next_part = 1 + max((int(n[5:-4]) for n, _ in entries), default=-1)
+    timing = dict(infer=0.0, tiles=0)
+
+    def finish(tiles_idx: list[int], handle: Any, name: str, t_dispatch: float) -> None:
+      """Collects one batch, keeps the points each tile owns, writes the part, then marks its tiles done."""
+      t0 = time.perf_counter()
+      preds = collect(handle)
+      timing["infer"] += t_dispatch + time.perf_counter() - t0
+      rec = collections.defaultdict(list)
+      for k, index in enumerate(tiles_idx):
+        p = preds[k]
+        xy = np.asarray(p["points"], np.float64).reshape(-1, 2) + grid.origin(index)
+        keep = grid.in_core(index, xy, seam_px) & (xy[:, 0] > -0.5) & (xy[:, 1] > -0.5)
+        keep &= (xy[:, 0] < width - 0.5) & (xy[:, 1] < height - 0.5)
+        xy = xy[keep]
+        rec["points"].append(_model_to_level0(xy, ratio).astype(np.float32))
+        rec["classes"].append(np.asarray(p["classes"], np.int32).reshape(-1)[keep])
+        rec["scores"].append(np.asarray(p["scores"], np.float32).reshape(-1)[keep])
+        rec["tiles"].append(np.full(len(xy), index, np.int64))
+        rec["border"].append(~grid.in_core(index, xy, -2 * seam_px))
+      tmp = parts / (name + ".tmp.npz")
+      np.savez(tmp, **{k: np.concatenate(v) for k, v in rec.items()})
+      os.replace(tmp, parts / name)
+      with open(parts / DONE_FILE, "a") as f:
+        f.write(f"{name} {' '.join(map(str, tiles_idx))}\n")
+      entries.append((name, tiles_idx))
+      timing["tiles"] += len(tiles_idx)
+      if bar is not None:
+        bar.update(len(tiles_idx))
+
     pool = futures.ThreadPoolExecutor(max(int(cfg.num_readers), 1), thread_name_prefix="slide-reader")
+    writer = futures.ThreadPoolExecutor(1, thread_name_prefix="slide-writer")
+    writes: collections.deque = collections.deque()
     try:
       pending: collections.deque = collections.deque()
       it = iter(batches)
@@ -327,35 +366,20 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
           imgs[k] = f.result()
         submit_next()
         t0 = time.perf_counter()
-        preds = predict(jax.device_put(imgs, sharding))
-        t_infer += time.perf_counter() - t0
-        rec = collections.defaultdict(list)
-        for k, index in enumerate(tiles_idx):
-          p = preds[k]
-          xy = np.asarray(p["points"], np.float64).reshape(-1, 2) + grid.origin(index)
-          keep = grid.in_core(index, xy, seam_px) & (xy[:, 0] > -0.5) & (xy[:, 1] > -0.5)
-          keep &= (xy[:, 0] < width - 0.5) & (xy[:, 1] < height - 0.5)
-          xy = xy[keep]
-          rec["points"].append(_model_to_level0(xy, ratio).astype(np.float32))
-          rec["classes"].append(np.asarray(p["classes"], np.int32).reshape(-1)[keep])
-          rec["scores"].append(np.asarray(p["scores"], np.float32).reshape(-1)[keep])
-          rec["tiles"].append(np.full(len(xy), index, np.int64))
-          rec["border"].append(~grid.in_core(index, xy, -2 * seam_px))
-        name = f"part_{next_part:06d}.npz"
-        tmp = parts / (name + ".tmp.npz")
-        np.savez(tmp, **{k: np.concatenate(v) for k, v in rec.items()})
-        os.replace(tmp, parts / name)
-        with open(parts / DONE_FILE, "a") as f:
-          f.write(f"{name} {' '.join(map(str, tiles_idx))}\n")
-        entries.append((name, tiles_idx))
+        handle = dispatch(jax.device_put(imgs, sharding))
+        t_dispatch = time.perf_counter() - t0
+        writes.append(writer.submit(finish, tiles_idx, handle, f"part_{next_part:06d}.npz", t_dispatch))
         next_part += 1
-        n_run += len(tiles_idx)
-        if bar is not None:
-          bar.update(len(tiles_idx))
+        while len(writes) > 1:  # at most one batch being collected while the next one computes
+          writes.popleft().result()
+      while writes:
+        writes.popleft().result()
     finally:
+      writer.shutdown(wait=True)  # batches already dispatched are still written (and marked done)
       pool.shutdown(wait=True, cancel_futures=True)
       if bar is not None:
         bar.close()
+    t_infer, n_run = timing["infer"], timing["tiles"]
     n_done = len({t for _, ts in entries for t in ts})
     summary: dict[str, Any] = dict(
         slide=str(slide_path), slide_size=list(slide.dimensions), slide_mpp=slide.mpp, mpp_source=slide.mpp_source,
