@@ -47,6 +47,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.train_split = "train"
   c.data.val_split = "val"
   c.data.class_names = ("lymphocyte", "tumor", "stromal")
+  c.data.max_samples = 0  # > 0: only the first N samples of each split (smoke tests)
   c.data.mpp = 0.5  # the model's working resolution; tiles at another mpp are resampled
 
   c.lfov = ml_collections.ConfigDict()
@@ -55,6 +56,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.lfov.label_size = ml_collections.config_dict.placeholder(int)  # None: the whole tile is the labelled region
   c.lfov.pad_mode = "constant" if "white_pad" in ablations else "reflect"
   c.lfov.flips = True
+  c.lfov.center = False  # True: deterministic centred samples (overfitting checks), no random offset
   c.lfov.no_lfov_field = 256 if tiny else 512  # field when lfov is disabled (tile crops, no padding context)
 
   c.head = ml_collections.ConfigDict()
@@ -67,7 +69,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.loss.cls = 1.0
   c.loss.reg = 1.0
   c.loss.cons = 1.0
-  c.loss.bg_weight = 0.5
+  c.loss.bg_weight = 0.2
   c.loss.match_point_weight = 0.1  # per px
   c.loss.match_class_weight = 1.0
   c.loss.match_max_dist_um = 8.0
@@ -85,7 +87,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.05
   c.optim.warmup_steps = 10 if tiny else 200
   c.optim.clip_grad = 1.0
-  c.optim.backbone_train_mode = False  # False: BN running stats frozen and no drop-path (small batches)
+  # BN batch statistics + drop-path in the student? None: only for random init (pretrained: frozen running stats)
+  c.optim.backbone_train_mode = ml_collections.config_dict.placeholder(bool)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 200 if tiny else 4000

@@ -69,7 +69,8 @@ def make_lfov_sample(
     context: optional larger image (uint8 [Hc, Wc, 3]) that contains the tile at `tile_origin` = (x, y).
     tile_origin: top-left of the tile in `context` (required with `context`).
     pad_mode: 'reflect' or 'constant' (white) for pixels beyond the available image.
-    center: put the labelled window at the centre of the field instead of a random offset (evaluation).
+    center: deterministic sample: the labelled window cut from the centre of the tile and put at the centre of
+      the field (evaluation, overfitting checks); otherwise both positions are random.
 
   Returns:
     `{'image': uint8 [field, field, 3], 'coords': float32 [M, 2] (field px), 'classes': int32 [M],
@@ -90,11 +91,11 @@ def make_lfov_sample(
       raise ValueError(f"tile_origin: tile of {W}x{H} at ({ox}, {oy}) does not fit in the context of {Wc}x{Hc}")
   ls = field if label_size is None else min(int(label_size), field)
   lw, lh = min(ls, W), min(ls, H)
-  tx = int(rng.integers(0, W - lw + 1))
-  ty = int(rng.integers(0, H - lh + 1))
   if center:
+    tx, ty = (W - lw) // 2, (H - lh) // 2
     fx, fy = (field - lw) // 2, (field - lh) // 2
   else:
+    tx, ty = int(rng.integers(0, W - lw + 1)), int(rng.integers(0, H - lh + 1))
     fx, fy = int(rng.integers(0, field - lw + 1)), int(rng.integers(0, field - lh + 1))
   out = crop_padded(context, ox + tx - fx, oy + ty - fy, field, field, pad_mode)
   coords = np.asarray(coords, np.float32).reshape(-1, 2)

@@ -61,6 +61,8 @@ def load_samples(data_cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
   from muse_jax.data import load_labelled  # pylint: disable=import-outside-toplevel
 
   samples = load_labelled(data_cfg.dataset, data_cfg.dir, split)
+  n = int(data_cfg.get("max_samples", 0))
+  samples = samples[:n] if n > 0 else samples
   return [_resample_sample(s, float(data_cfg.mpp)) for s in samples]
 
 
@@ -78,7 +80,7 @@ def make_batch(samples: list[Any], config: ml_collections.ConfigDict, step: int,
   for i in rng.integers(0, len(samples), batch_size):
     s = samples[int(i)]
     smp = lfov.make_lfov_sample(s.image, s.coords, s.classes, field=F, rng=rng, label_size=label_size,
-                                pad_mode=config.lfov.pad_mode)
+                                pad_mode=config.lfov.pad_mode, center=bool(config.lfov.get("center", False)))
     if config.lfov.flips:
       smp = lfov.random_dihedral(smp, rng)
     out.append(smp)
@@ -101,20 +103,24 @@ def strong_photometric(key: jax.Array, x: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------------- model
 def init_model(config: ml_collections.ConfigDict, num_classes: int):
-  """Builds the NDC model and its variables, with the backbone from `config.init`."""
+  """Builds the NDC model and its variables: the backbone from `config.init`, a freshly initialised head."""
   from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
 
   model_cfg, bb_vars = backbone_io.load_backbone(config.init, seed=int(config.seed))
   module = head_lib.build_model(model_cfg, config.head, num_classes)
-  s = math.lcm(head_lib.input_multiple(model_cfg), 8) * 2
-  variables = jax.jit(lambda k: module.init(k, jnp.zeros((1, s, s, 3), jnp.float32), train=False))(
-    jax.random.key(int(config.seed) + 1))
-  variables = jax.tree.map(np.asarray, dict(variables))
-  params = dict(variables["params"])
-  params["backbone"] = bb_vars["params"]
-  batch_stats = {"backbone": bb_vars.get("batch_stats", {})} if bb_vars.get("batch_stats") else \
-    dict(variables.get("batch_stats", {}))
+  s = 8 * int(config.head.stride)
+  dummy = jnp.zeros((1, s // 4, s // 4, int(model_cfg.map_dim)), jnp.float32)
+  head_vars = module.head.init(jax.random.key(int(config.seed) + 1), dummy, s)
+  params = {"backbone": bb_vars["params"], "head": jax.tree.map(np.asarray, head_vars["params"])}
+  batch_stats = {"backbone": bb_vars["batch_stats"]} if bb_vars.get("batch_stats") else {}
   return model_cfg, module, {"params": params, "batch_stats": batch_stats}
+
+
+def backbone_train_mode(config: ml_collections.ConfigDict) -> bool:
+  """BN in training mode (batch statistics) and drop-path on? Default: only for a random initialisation (its
+  running statistics mean nothing); pretrained backbones keep their running statistics (small batches)."""
+  v = config.optim.get("backbone_train_mode", None)
+  return str(config.init).startswith("random:") if v is None else bool(v)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
@@ -141,7 +147,7 @@ def make_step_fn(config: ml_collections.ConfigDict, module, tx, num_classes: int
   stride = int(config.head.stride)
   anchors = jnp.asarray(head_lib.anchor_grid(F, stride))
   L, S = config.loss, config.semi
-  bb_train = bool(config.optim.backbone_train_mode)
+  bb_train = backbone_train_mode(config)
   max_dist = float(L.match_max_dist_um) / float(config.data.mpp)
   base_key = jax.random.key(int(config.seed) + 2)
 
