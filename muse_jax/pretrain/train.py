@@ -126,13 +126,25 @@ class _MetricsWriter:
         f.write(json.dumps(record) + "\n")
 
 
+_SETUP_CACHE: dict[tuple, dict] = {}
+_SETUP_CACHE_SIZE = 4
+
+
 def setup(config: ml_collections.ConfigDict, devices=None):
-  """Everything but the loop: returns a namespace-like dict (used by `run`, the benchmark and the tests)."""
+  """Everything but the loop: returns a namespace-like dict (used by `run`, the benchmark and the tests).
+
+  The jitted functions are cached per (config, devices), so calling `run` again in the same process (a restart,
+  a sweep of identical shapes) does not recompile.
+  """
   validate_config(config)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   mesh_lib.check_batch(config.batch_size, mesh)
-  nets = state_lib.build_networks(config)
   data_iter, n_regions = make_data_iterator(config)
+  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat), n_regions)
+  if key in _SETUP_CACHE:
+    return dict(_SETUP_CACHE[key], data_iter=data_iter)
+  config = ml_collections.ConfigDict(config.to_dict())  # private copy: later edits by the caller must not leak in
+  nets = state_lib.build_networks(config)
   spe = config.steps_per_epoch
   if spe == -1:
     if not n_regions:
@@ -150,11 +162,15 @@ def setup(config: ml_collections.ConfigDict, devices=None):
   repl = mesh_lib.replicated(mesh)
   bsh = mesh_lib.batch_sharding(mesh)
   step_fn = step_lib.make_step_fn(config, nets, tx, schedules)
-  return dict(mesh=mesh, nets=nets, tx=tx, schedules=schedules, data_iter=data_iter, steps_per_epoch=spe,
-              total_steps=total, init_rng=init_rng, step_rng=jax.device_put(step_rng, repl),
-              abstract_state=abstract_state, shardings=shardings, batch_sharding=bsh, replicated=repl,
-              step_fn=step_fn, jit_step=step_lib.jit_step(step_fn, shardings, bsh, repl),
-              create_state=jax.jit(lambda r: state_lib.create_state(config, nets, tx, r), out_shardings=shardings))
+  out = dict(mesh=mesh, nets=nets, tx=tx, schedules=schedules, steps_per_epoch=spe,
+             total_steps=total, init_rng=init_rng, step_rng=jax.device_put(step_rng, repl),
+             abstract_state=abstract_state, shardings=shardings, batch_sharding=bsh, replicated=repl,
+             step_fn=step_fn, jit_step=step_lib.jit_step(step_fn, shardings, bsh, repl),
+             create_state=jax.jit(lambda r: state_lib.create_state(config, nets, tx, r), out_shardings=shardings))
+  if len(_SETUP_CACHE) >= _SETUP_CACHE_SIZE:
+    _SETUP_CACHE.pop(next(iter(_SETUP_CACHE)))
+  _SETUP_CACHE[key] = out
+  return dict(out, data_iter=data_iter)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None,
