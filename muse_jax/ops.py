@@ -131,17 +131,22 @@ def _bicubic_matrix(n_in: int, n_out: int, scale: float) -> np.ndarray:
   return m
 
 
-def resize_pos_embed(pos: jax.Array, grid_hw: Sequence[int]) -> jax.Array:
+def resize_pos_embed(pos: jax.Array, grid_hw: Sequence[int], *, force: bool = False) -> jax.Array:
   """Resizes a ViT position embedding to a new token grid the way DINO does at run time.
 
   The patch part (N = n*n tokens, row-major) is viewed as an `n x n` grid and resized with PyTorch bicubic
   interpolation (a = -0.75, ``align_corners=False``) using ``scale_factor = (g + 0.1) / n`` per axis; the output
   size is ``floor(n * scale) = g``. The CLS position embedding (index 0) is kept. When the grid already is `n x n`
-  the input is returned unchanged (DINO's shortcut).
+  the input is returned unchanged (DINO's shortcut) unless `force`. (DINO pairs the width's scale with the rows;
+  identical for the square inputs MUSE uses. Here `gh` goes with rows.)
 
   Args:
     pos: `[1, 1 + N, D]` position embedding with N a perfect square.
     grid_hw: target token grid `(gh, gw)`.
+    force: interpolate even when the grid is unchanged (a near-identity with scale (n + 0.1) / n). The official
+      MUSE eval wrapper does this once to the stored `pos_embed` when it loads a released checkpoint (its
+      load-time helper miscounts patches, so its shortcut never fires); an importer replicating it exactly
+      calls `resize_pos_embed(pos, (n, n), force=True)`.
 
   Returns:
     `[1, 1 + gh * gw, D]`, dtype of `pos`.
@@ -155,7 +160,7 @@ def resize_pos_embed(pos: jax.Array, grid_hw: Sequence[int]) -> jax.Array:
   gh, gw = (int(v) for v in grid_hw)
   if gh < 1 or gw < 1:
     raise ValueError(f"resize_pos_embed: `grid_hw` must be positive; got {tuple(grid_hw)}.")
-  if (gh, gw) == (n, n):
+  if (gh, gw) == (n, n) and not force:
     return pos
   mats = []
   for g in (gh, gw):

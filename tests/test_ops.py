@@ -152,6 +152,10 @@ def test_resize_pos_embed_known_answers():
   pos = np.random.RandomState(3).randn(1, 1 + 14 * 14, 4).astype(np.float32)
   # Same grid: returned unchanged (DINO's shortcut).
   np.testing.assert_array_equal(ops.resize_pos_embed(jnp.asarray(pos), (14, 14)), pos)
+  # force=True: the official load-time near-identity interpolation (scale 14.1 / 14), not a no-op.
+  forced = np.asarray(ops.resize_pos_embed(jnp.asarray(pos), (14, 14), force=True))
+  np.testing.assert_allclose(forced, ref_dino_pos_embed(pos, 14, 14), rtol=1e-5, atol=1e-5)
+  assert np.abs(forced - pos).max() > 1e-3
   # Cubic weights sum to 1: a constant embedding stays constant at any size.
   const = np.full((1, 1 + 14 * 14, 4), 0.7, np.float32)
   np.testing.assert_allclose(ops.resize_pos_embed(jnp.asarray(const), (32, 32)), 0.7, rtol=1e-6)
