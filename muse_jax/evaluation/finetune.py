@@ -121,7 +121,7 @@ def finetune(model_cfg: ml_collections.ConfigDict, variables: dict, head: dict, 
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
-  sampler = features_lib.build_sampler(module, size)
+  sampler = features_lib.cached_sampler(cfg, size)
 
   def predict(params, batch_stats, tiles, split):
     v = {"params": params["backbone"]}

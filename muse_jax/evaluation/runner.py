@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from muse_jax.evaluation import features as features_lib
 from muse_jax.evaluation import finetune as finetune_lib
@@ -259,44 +258,3 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = N
                             title=f"{method} {report.column_label(r)} {r['protocol']} "
                                   f"acc {100 * m['accuracy']:.1f}%")
   return out
-
-
-def demo_table(backbone_sources: dict[str, str | tuple], *, data_dir: str = "bundled", mpp: float = 0.5,
-               size: int = 224, linear_epochs: int = 30, workdir: str | os.PathLike | None = None,
-               progress: bool = False) -> str:
-  """kNN and linear accuracy of several backbones on the bundled sample, as one Markdown table.
-
-  Args:
-    backbone_sources: {row label: `random:<variant>` | backbone directory | (model_cfg, variables)}, e.g.
-      {'MUSE tiny (pretrained teacher)': 'workdirs/demo/export', 'tiny, random init': 'random:tiny'}.
-    data_dir: dataset folder ('bundled' = the sample in the package).
-    mpp, size: the evaluation setting.
-    linear_epochs: linear-probe epochs (the spec's 100 are cut for speed; the table says so).
-    workdir: if given, each backbone's full report goes to `workdir/<i>/`.
-    progress: show progress bars.
-
-  Returns:
-    Markdown: one row per backbone with kNN (best k on test / k on val), linear top-1 and macro-F1 (test).
-  """
-  lines = [f"| Method | kNN top-1 % (best k on test) | kNN top-1 % (k on val) | linear top-1 % | "
-           f"linear macro-F1 % |", "| --- | --- | --- | --- | --- |"]
-  counts = ""
-  for i, (label, source) in enumerate(backbone_sources.items()):
-    cfg = default_config()
-    cfg.backbone = source if isinstance(source, str) else f"<in-memory {label}>"
-    cfg.method, cfg.data_dir, cfg.mpp, cfg.size = label, str(data_dir), mpp, size
-    cfg.linear_epochs, cfg.progress = linear_epochs, progress
-    res = run(cfg, None if workdir is None else pathlib.Path(workdir) / str(i),
-              backbone=None if isinstance(source, str) else source)
-    by = {r["protocol"]: r for r in res["rows"]}
-    k, lin = by["knn"]["result"], by["linear"]["result"]
-    counts = by["knn"]["counts"]
-    lines.append(f"| {label} | {100 * k['official']['accuracy']:.2f} (k={k['official']['k']}) | "
-                 f"{100 * k['honest']['accuracy']:.2f} (k={k['honest']['k']}) | {100 * lin['accuracy']:.2f} | "
-                 f"{100 * lin['metrics']['macro_f1']:.2f} |")
-  lines.append("")
-  lines.append(f"Bundled BRCA-M2C sample (6 train / 2 val / 3 test tiles; {counts} train/val/test nuclei), "
-               f"mpp {mpp}, size {size}. kNN: T=0.07, k in {{10, 20, 100, 200, 500}} (k clamped to the train "
-               f"count). Linear probe: {linear_epochs} epochs (spec: 100), otherwise §5.4. A toy-scale check, "
-               f"not comparable with the published tables.")
-  return "\n".join(lines) + "\n"
