@@ -233,3 +233,16 @@ def test_photometric_known_answers():
   assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
   lum = np.asarray(Image.fromarray(img).convert('L'))
   np.testing.assert_array_equal(g[..., 0], np.where(lum >= 128, 255 - lum, lum))
+
+
+def test_to_global_arrays_shards_batch_over_data_axis():
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = np.array(jax.devices()[:4])
+  mesh = jax.sharding.Mesh(devices.reshape(-1), ('data',))
+  cfg = _small_cfg()
+  src = pipeline.open_pretrain_source(cfg)
+  batch = next(iter(pipeline.make_pretrain_dataset(src, cfg, seed=0, batch_size=len(devices))))
+  g = pipeline.to_global_arrays(batch, mesh)
+  assert g['global']['images'].shape == batch['global']['images'].shape
+  assert g['local']['ids'].sharding.spec == jax.sharding.PartitionSpec('data')
+  np.testing.assert_array_equal(np.asarray(g['local']['coords']), batch['local']['coords'])
