@@ -15,7 +15,8 @@ Determinism: records are shuffled with `seed`, every record gets its own generat
 (derived from the seed and the record's position), so the same seed gives the same batches for any
 `num_workers`; the iterator state (`get_state`/`set_state`) restores the exact position.
 Multi-host: host `process_index` reads records `process_index::process_count` only.
-Scripts that use `num_workers > 0` need absl flags parsed and an `if __name__ == '__main__':` guard.
+Scripts that use `num_workers > 0` need an `if __name__ == '__main__':` guard (workers re-import `__main__`);
+absl flags are marked parsed here if nobody parsed them (Grain workers read them).
 
 Sources (`cfg.source`):
 * `'bundled'`: the bundled BRCA-M2C sample's train + val tiles (never test) with their labelled points as nucleus
@@ -194,6 +195,9 @@ def make_pretrain_dataset(source, data_cfg: ml_collections.ConfigDict, *, seed: 
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg['read_threads']),
                                             prefetch_buffer_size=int(cfg['read_buffer'])))
   if cfg['num_workers'] > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (ENV.md gotcha 2); harmless under absl.app.
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg['num_workers']),
                                                      per_worker_buffer_size=int(cfg['prefetch_buffer'])))
   return it

@@ -266,7 +266,12 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
   coords = np.asarray(record['coords'], np.float32).reshape(-1, 2)
   ids = np.arange(len(coords), dtype=np.int32)
   region = Image.fromarray(np.ascontiguousarray(image))
-  region_mpp = cfg['region_mpp'] if cfg['region_mpp'] is not None else float(np.asarray(record['mpp']))
+  if cfg['region_mpp'] is not None:
+    region_mpp = float(cfg['region_mpp'])
+  elif 'mpp' in record:
+    region_mpp = float(np.asarray(record['mpp']))
+  else:
+    raise ValueError('region record has no "mpp" and data_cfg.region_mpp is None: set one of them (µm/px).')
   blur_g1, blur_g2, blur_l = cfg['blur_p']
   out = {}
   boxes = []
