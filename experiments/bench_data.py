@@ -33,6 +33,8 @@ def _pipeline_rate(source, cfg, batch_size: int, batches: int, repeats: int) -> 
   lead = max(1, cfg.num_workers) * (cfg.read_threads + cfg.read_buffer + cfg.prefetch_buffer) + 1
   for _ in range(lead):
     next(it)
+  # Each timed window is at least as long as the lead, so that batches computed ahead cannot dominate it.
+  batches = max(batches, lead)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
