@@ -239,8 +239,8 @@ def read_points_csv(path: PathLike, class_map: Mapping[str, int] | None = None, 
                     unknown_class: str = 'error') -> tuple[np.ndarray, np.ndarray]:
   """Reads nucleus points from CSV/TSV.
 
-  With a header, columns `x`, `y` (also `centroid_x`/`Centroid X µm`-style names are NOT converted: give pixels)
-  and an optional `class`/`label`/`classification`/`name` column. Without a header, rows are `x,y[,class]`.
+  With a header: columns `x`, `y` in pixels (µm columns such as QuPath's `Centroid X µm` are not converted) and an
+  optional `class`/`label`/`classification`/`class_name`/`name`/`type` column. Without a header: `x,y[,class]`.
 
   Args:
     path: the file.
