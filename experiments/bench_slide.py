@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -40,13 +41,15 @@ def child(args: argparse.Namespace) -> None:
   else:
     from muse_jax.ndc.infer import Predictor
     pred = Predictor.from_checkpoint(args.checkpoint)
-  cfg = dict(batch_size=args.batch, overlap=args.overlap, num_readers=args.readers, progress=False, overwrite=True)
+  cfg = dict(batch_size=args.batch, overlap=args.overlap, num_readers=args.readers, progress=False)
+  shutil.rmtree(args.out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark
   slide_run.run(pred, args.warmup_slide, pathlib.Path(args.out) / "warmup", slide_run.SlideRunConfig(**cfg))
   rss_warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   t0 = time.perf_counter()
   s = slide_run.run(pred, args.slide, pathlib.Path(args.out) / "run", slide_run.SlideRunConfig(**cfg))
   wall = time.perf_counter() - t0
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  assert s["tiles_this_call"] == s["tiles_tissue"], "not a fresh run"
   print("RESULT " + json.dumps(dict(
       tiles=s["tiles_tissue"], nuclei=s["nuclei"], tissue_mm2=s["tissue_area_mm2"], seconds=wall,
       infer_seconds=s["inference_seconds"], tiles_per_s=s["tiles_tissue"] / wall,

@@ -24,6 +24,7 @@ def test_cli_writes_valid_outputs(checkpoint, tmp_path, capsys):
   assert rc == 0
   summary = json.loads((out / "summary.json").read_text())
   assert summary["complete"] and summary["model_mpp"] == 0.5 and summary["slide_mpp"] == 0.25
+  assert summary["devices"] == 4  # the batch is spread over the 4 fake CPU devices of conftest.py
   assert summary["tiles_tissue"] > 0 and summary["nuclei"] > 0
   assert set(summary["counts"]) == {"lymphocyte", "tumor", "stromal"}
   with open(out / "nuclei.csv", newline="") as f:
@@ -50,3 +51,25 @@ def test_cli_on_real_cmu_slide_crop(checkpoint, tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   assert summary["vendor"] == "aperio" and summary["slide_mpp"] == pytest.approx(0.499)
   assert summary["tissue_area_mm2"] > 0.2 and summary["tiles_tissue"] < summary["tiles_total"]
+
+
+def test_sharded_ndc_path_matches_predict_tiles(checkpoint):
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from muse_jax.ndc.infer import Predictor
+  from muse_jax.slide import run as slide_run
+
+  pred = Predictor.from_checkpoint(checkpoint)
+  mesh = slide_run.data_mesh()
+  assert mesh.shape["data"] == len(jax.devices()) == 4
+  dispatch, collect = slide_run._batch_predict_fns(pred, mesh)  # pylint: disable=protected-access
+  tiles = np.random.default_rng(0).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8)
+  sharded = collect(dispatch(jax.device_put(tiles, NamedSharding(mesh, P("data")))))
+  host = pred.predict_tiles(tiles)
+  assert len(sharded) == len(host) == 8
+  for a, b in zip(sharded, host):
+    np.testing.assert_allclose(a["points"], b["points"], atol=1e-3)
+    np.testing.assert_array_equal(a["classes"], b["classes"])
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
