@@ -125,3 +125,14 @@ def test_bad_slides_raise_clear_errors(tmp_path, predictor):
   with pytest.raises(ValueError, match="merge radius"):
     slide_run.run(predictor, nompp.path, tmp_path / "out3", slide_run.SlideRunConfig(**{**CFG, "mpp": 0.5,
                                                                                           "overlap": 8}))
+
+
+def test_cut_short_done_line_is_redone(slide, predictor, tmp_path):
+  cfg = slide_run.SlideRunConfig(**CFG, max_batches=2)
+  slide_run.run(predictor, slide.path, tmp_path / "out", cfg)
+  done = tmp_path / "out" / "parts" / "done.txt"
+  lines = done.read_text().splitlines()
+  done.write_text(lines[0] + "\n" + lines[1][:20])  # the run died while writing the second line
+  again = slide_run.run(predictor, slide.path, tmp_path / "out", slide_run.SlideRunConfig(**CFG))
+  assert again["complete"] and again["tiles_this_call"] == again["tiles_tissue"] - 8
+  assert again["nuclei"] == len(slide.points)

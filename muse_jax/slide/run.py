@@ -146,7 +146,8 @@ def _read_done(parts: pathlib.Path) -> list[tuple[str, list[int]]]:
   if not done_path.exists():
     return []
   entries = []
-  for line in done_path.read_text().splitlines():
+  lines = done_path.read_text().split("\n")[:-1]  # a last line without its newline was cut short: not done
+  for line in lines:
     fields = line.split()
     if fields and (parts / fields[0]).exists():
       entries.append((fields[0], [int(t) for t in fields[1:]]))
