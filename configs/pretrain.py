@@ -110,6 +110,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.n_global, c.data.global_size = 2, 64
     c.data.n_local, c.data.local_size = 2, 32
     c.data.max_nuclei_global, c.data.max_nuclei_local = 32, 16
+    c.data.mpp_range = (1.0, 2.0)  # small views must still cover tens of nuclei (64 px = 64-128 µm)
     c.batch_size = 8
     c.num_epochs = 10
     c.steps_per_epoch = 10
@@ -117,7 +118,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.heads.nu_out_dim = 128
     c.heads.hidden_dim = 128
     c.heads.bottleneck_dim = 32
-    c.optim.base_lr = 5e-3
+    c.optim.base_lr = 2e-3
     c.optim.scale_lr = False
     c.optim.warmup_epochs = 1.0
     c.optim.warmup_teacher_temp_epochs = 2.0

@@ -1,6 +1,6 @@
 r"""`make demo`: pretrain the tiny config on the bundled BRCA-M2C sample, export the teacher, print a short report.
 
-  python -m muse_jax.demo [--workdir runs/demo] [--steps 200]
+  python -m muse_jax.demo [--workdir runs/demo] [--steps 300] [--budget_s 210]
 
 Runs on CPU in a few minutes (2 cores). Re-running on the same workdir resumes / reuses the finished run.
 
@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-DEMO_STEPS = 150
+DEMO_STEPS = 300
+DEMO_BUDGET_S = 210.0  # training stops (with a checkpoint) after this many seconds, whatever the step
 
 
 def demo_config(steps: int = DEMO_STEPS):
@@ -58,7 +59,7 @@ def evaluation_report(export_dir: str, workdir: str) -> str | None:
   return None if fn is None else fn(export_dir, workdir=workdir)
 
 
-def run_demo(workdir: str, steps: int = DEMO_STEPS) -> dict[str, Any]:
+def run_demo(workdir: str, steps: int = DEMO_STEPS, budget_s: float | None = DEMO_BUDGET_S) -> dict[str, Any]:
   """Pretrain + export + report; returns the summary dict that was printed."""
   from muse_jax import export as export_lib  # pylint: disable=import-outside-toplevel
   from muse_jax.pretrain import train  # pylint: disable=import-outside-toplevel
@@ -70,7 +71,7 @@ def run_demo(workdir: str, steps: int = DEMO_STEPS) -> dict[str, Any]:
         f"{config.data.n_local}x{config.data.local_size}px) on the bundled sample; {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s); workdir {workdir}", flush=True)
   t0 = time.time()
-  out = train.run(config, workdir)
+  out = train.run(config, workdir, time_budget_s=budget_s)
   t_train = time.time() - t0
   export_dir = os.path.join(workdir, "export")
   export_lib.export(workdir, export_dir)
@@ -94,8 +95,9 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--steps", type=int, default=DEMO_STEPS)
+  p.add_argument("--budget_s", type=float, default=DEMO_BUDGET_S, help="training time budget in seconds")
   args = p.parse_args(argv)
-  run_demo(args.workdir, args.steps)
+  run_demo(args.workdir, args.steps, args.budget_s)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,54 @@ def test_two_processes_match_one_process(straight_run, tmp_path):
   one = read_metrics(wd)[:3]
   for key in ("loss", "loss_image", "loss_nu"):
     np.testing.assert_allclose([r[key] for r in multi], [r[key] for r in one], rtol=2e-4, atol=1e-5, err_msg=key)
+
+
+class _Inject:
+  """Wraps a data iterator: SIGTERM before batch `sigterm_at`, NaN coordinates in batch `nan_at` (1-based)."""
+
+  def __init__(self, it, sigterm_at=None, nan_at=None):
+    self.it, self.n, self.sigterm_at, self.nan_at = it, 0, sigterm_at, nan_at
+
+  def __next__(self):
+    self.n += 1
+    b = next(self.it)
+    if self.n == self.sigterm_at:
+      import signal
+      os.kill(os.getpid(), signal.SIGTERM)
+    if self.n == self.nan_at:
+      b["global"]["coords"] = np.full_like(b["global"]["coords"], np.nan)
+    return b
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+  def start_prefetch(self):
+    pass
+
+
+def _patched(monkeypatch, **kw):
+  orig = train.make_data_iterator
+  def make(config):
+    it, n = orig(config)
+    return _Inject(it, **kw), n
+  monkeypatch.setattr(train, "make_data_iterator", make)
+
+
+def test_sigterm_saves_and_stops_cleanly(straight_run, tmp_path, monkeypatch):
+  _patched(monkeypatch, sigterm_at=2)
+  out = train.run(small_config(), tmp_path, devices=jax.devices()[:1])
+  assert out["preempted"] and out["step"] == 2 and out["last_checkpoint_step"] == 2
+  monkeypatch.undo()
+  out = train.run(small_config(), tmp_path, devices=jax.devices()[:1])  # resumes from step 2
+  assert out["step"] == 6
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(straight_run, tmp_path, monkeypatch):
+  _patched(monkeypatch, nan_at=5)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 5.*Last good checkpoint: step 3"):
+    train.run(small_config(), tmp_path, devices=jax.devices()[:1])
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [3]

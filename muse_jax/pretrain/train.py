@@ -114,16 +114,29 @@ def _to_float(tree: dict) -> dict[str, float]:
 
 
 class _MetricsWriter:
-  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only)."""
+  """Appends JSON lines to `workdir/metrics.jsonl` (process 0 only).
+
+  Object stores (gs://) cannot append: there the file is rewritten whole (previous lines kept) at each write.
+  """
 
   def __init__(self, workdir: epath.Path, enabled: bool):
     self.path = workdir / METRICS_FILE
     self.enabled = enabled
+    self.rewrite = str(workdir).startswith("gs://")
+    self.lines: list[str] | None = None
 
   def write(self, record: dict[str, Any]) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    line = json.dumps(record) + "\n"
+    if self.rewrite:
+      if self.lines is None:
+        self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+      self.lines.append(line)
+      self.path.write_text("".join(self.lines))
+    else:
       with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
 
 
 _SETUP_CACHE: dict[tuple, dict] = {}
@@ -174,7 +187,7 @@ def setup(config: ml_collections.ConfigDict, devices=None):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices=None,
-        stop_at_step: int | None = None) -> dict[str, Any]:
+        stop_at_step: int | None = None, time_budget_s: float | None = None) -> dict[str, Any]:
   """Pretrains (or resumes) in `workdir`.
 
   Args:
@@ -183,6 +196,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
     devices: devices of the mesh (default: all).
     stop_at_step: stop (and checkpoint) once this step is reached, without changing the schedules (used to
       test resumption and to split long runs).
+    time_budget_s: stop (and checkpoint) after this many seconds of training, counted from the end of the first
+      step (compilation excluded; the demo's budget); the schedules are unchanged, so a later call continues.
 
   Returns:
     dict with `step` (steps done), `total_steps`, `last_metrics` (last logged record), `checkpoint_dir`,
@@ -229,6 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
   last_record: dict[str, Any] = {}
   t_log, steps_since = time.perf_counter(), 0
   preempted = False
+  t_start, steps_done = time.perf_counter(), 0
   try:
     with ckpt_lib.PreemptionFlag() as pre:
       while step < end:
@@ -245,6 +261,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
           pbar.update(1)
           pbar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
         stop_now = _any_process(pre.requested, step)
+        if steps_done == 0:
+          t_start = time.perf_counter()  # the budget counts training, not the first step's compilation
+        steps_done += 1
+        out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
+        if out_of_time and step < end:
+          end = step  # all processes read the same clock budget only approximately: single-host use
         if step % config.log_every_steps == 0 or step == end or stop_now:
           dt = time.perf_counter() - t_log
           rec = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()},

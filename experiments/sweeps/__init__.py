@@ -1,0 +1,1 @@
+"""Sweep definitions: each module defines `BASE` (a `--config` argument) and `RUNS` ({name: {field: value}})."""
