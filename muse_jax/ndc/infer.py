@@ -314,7 +314,7 @@ class Predictor:
     p, c, s = np.concatenate(keep_p), np.concatenate(keep_c), np.concatenate(keep_s)
     k = point_nms(p, s, r)
     p, c, s = p[k], c[k], s[k]
-    if H != H0 or W != W0 or image.shape[:2] != (H0, W0):
-      p = p * np.array([W0 / W, H0 / H], np.float32)
+    if (H, W) != (H0, W0):  # back to the input's pixels (pixel centres at integers)
+      p = (p + 0.5) * np.array([W0 / W, H0 / H], np.float32) - 0.5
     return {"points": p.astype(np.float32).reshape(-1, 2), "classes": c.astype(np.int32),
             "scores": s.astype(np.float32)}
