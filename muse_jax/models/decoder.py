@@ -38,7 +38,7 @@ class ConvLayer(nn.Module):
 
 
 class BasicResBlock(nn.Module):
-  """ReLU(ConvLayer3x3+ReLU -> ConvLayer3x3 + shortcut); shortcut is identity or a 1x1 ConvLayer. Official `BasicResBlock`."""
+  """ReLU(ConvLayer3x3+ReLU -> ConvLayer3x3 + shortcut), shortcut identity or 1x1 ConvLayer (official BasicResBlock)."""
 
   channels: int
   features: int

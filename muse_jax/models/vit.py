@@ -9,7 +9,7 @@ the patch-embedding conv keeps PyTorch's default (kaiming_uniform a = sqrt(5), u
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -214,8 +214,3 @@ def vit_kwargs(cfg: Any) -> dict[str, Any]:
               extract_layers=tuple(cfg.extract_layers), cls_mode=cfg.cls_mode, dim_ratios=tuple(cfg.dim_ratios),
               drop_path_rate=float(cfg.drop_path_rate), bn_axis_name=cfg.bn_axis_name, dtype=jnp.dtype(cfg.dtype))
 
-
-def sizes_for(side: int, patch_size: int = 16) -> Sequence[int]:
-  """Spatial sides of the four reassembled levels (strides 4, 8, 16, 32) for input side `side`."""
-  g = side // patch_size
-  return tuple(int(np.floor(g * patch_size / s)) for s in (4, 8, 16, 32))
