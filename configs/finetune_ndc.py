@@ -53,7 +53,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.lfov = ml_collections.ConfigDict()
   c.lfov.enabled = "no_lfov" not in ablations
   c.lfov.field = 256 if tiny else 1024
-  c.lfov.label_size = ml_collections.config_dict.placeholder(int)  # None: the whole tile is the labelled region
+  # Labelled window cut from each tile; the rest of the field is unlabelled context (tile pixels, then padding).
+  # None: the whole tile (clipped to the field). tiny: a 128 window in a 256 field, so the consistency loss has
+  # unlabelled context to work on even though BRCA-M2C tiles (~491 px) are larger than the field.
+  c.lfov.label_size = 128 if tiny else ml_collections.config_dict.placeholder(int)
   c.lfov.pad_mode = "constant" if "white_pad" in ablations else "reflect"
   c.lfov.flips = True
   c.lfov.center = False  # True: deterministic centred samples (overfitting checks), no random offset

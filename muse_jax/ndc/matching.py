@@ -92,4 +92,4 @@ def hungarian_assign(points: jax.Array, probs: jax.Array, valid: jax.Array, gt_p
                          max_dist=max_dist)
   shape = jax.ShapeDtypeStruct(gt_mask.shape, jnp.int32)
   args = [jax.lax.stop_gradient(a) for a in (points, probs)] + [valid, gt_points, gt_classes, gt_mask]
-  return jax.pure_callback(fn, shape, *args, vmap_method="expand_dims")
+  return jax.pure_callback(fn, shape, *args, vmap_method="sequential")
