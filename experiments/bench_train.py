@@ -152,17 +152,16 @@ def main(argv=None) -> None:
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args(argv)
   peak = matmul_peak()
-  rows = []
-  for name in args.configs.split(","):
-    rows += bench_config(name, None if name == "tiny" else args.vit_batch, args.repeats)
   dev = jax.devices()[0]
   print(f"\ndevice: {dev.platform} ({dev.device_kind}); matmul peak (2048^3 f32, same run): {peak / 1e9:.1f} GFLOP/s")
   print("| config | part | batch | views | time (s) | images/s | GFLOP | GFLOP/s | % of matmul peak |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    fps = r["flops"] / r["seconds"]
-    print(f"| {r['config']} | {r['part']} | {r['batch']} | {r['views']} | {r['seconds']:.4f} | "
-          f"{r['images_per_s']:.2f} | {r['flops'] / 1e9:.2f} | {fps / 1e9:.1f} | {100 * fps / peak:.1f}% |")
+  print("|---|---|---|---|---|---|---|---|---|", flush=True)
+  for name in args.configs.split(","):
+    for r in bench_config(name, None if name == "tiny" else args.vit_batch, args.repeats):
+      fps = r["flops"] / r["seconds"]
+      print(f"| {r['config']} | {r['part']} | {r['batch']} | {r['views']} | {r['seconds']:.4f} | "
+            f"{r['images_per_s']:.2f} | {r['flops'] / 1e9:.2f} | {fps / 1e9:.1f} | {100 * fps / peak:.1f}% |",
+            flush=True)
   print(f"\ncommand: python -m experiments.bench_train --configs {args.configs} --vit_batch {args.vit_batch} "
         f"--repeats {args.repeats}")
 
