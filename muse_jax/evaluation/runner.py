@@ -99,12 +99,12 @@ def load_backbone(source: str | tuple, seed: int = 0) -> tuple[ml_collections.Co
 class _Bar:
   """A tqdm bar when `enabled`, else a no-op."""
 
-  def __init__(self, enabled: bool, total: int, desc: str):
+  def __init__(self, enabled: bool, total: int, desc: str, unit: str = "tile"):
     self.bar = None
     if enabled:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-      self.bar = tqdm(total=total, desc=desc, unit="tile", leave=False, dynamic_ncols=True)
+      self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
   def __call__(self, n: int) -> None:
     if self.bar is not None:
@@ -180,7 +180,7 @@ def evaluate_setting(model_cfg: ml_collections.ConfigDict, variables: dict, tile
   if "finetune" in protocols:
     t0 = time.perf_counter()
     steps = config.finetune_epochs * -(-len(tiles["train"]) // config.finetune_batch_size)
-    bar = _Bar(config.progress, steps, f"finetune {size}px")
+    bar = _Bar(config.progress, steps, f"finetune {size}px", unit="step")
     out["finetune"] = finetune_lib.finetune(
         model_cfg, variables, out["linear"]["head"], tiles["train"], tiles["val"], tiles["test"],
         num_classes=num_classes, epochs=config.finetune_epochs, lr=config.finetune_lr or None,
