@@ -489,7 +489,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
     config: the step's config (pretraining: `configs/pretrain.py`).
     topology: a TPU topology string (`v5p:2x2x4`).
     step: one of `STEPS`.
-    per_device_batch: batch per chip for the main compile (default: the config's global batch / chips, at least 1).
+    per_device_batch: batch per chip for the main compile (default: the config's global batch, used as is).
     find_max: also search the largest per-chip batch that fits.
     search_start, granularity, max_compiles: search controls (see `find_max_batch`).
     devices: use these devices instead of the topology's (tests pass CPU devices).
@@ -501,9 +501,6 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
   devs = list(devices) if devices is not None else topology_devices(topology)
   build = BUILDERS[step]
   n = len(devs)
-  if per_device_batch is None:
-    gb = _config_batch(config, step)
-    per_device_batch = max(1, gb // n) if gb else 1
   report: dict[str, Any] = {"topology": topology, "chip": chip, "num_chips": n, "step": step}
   spec = build(config, devs, per_device_batch)
   report["description"] = spec.description
@@ -525,7 +522,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
       except DoesNotFitError:
         return None
       return r if fits(r, chip) else None
-    start = search_start or per_device_batch
+    start = search_start or max(1, spec.per_device_batch)
     best, best_res, probes = find_max_batch(try_batch, start=start, granularity=granularity,
                                             max_compiles=max_compiles, capacity=chip.compiler_hbm_bytes, log=log)
     report["max_batch"] = best
@@ -539,20 +536,6 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
 def _bracketed(probes: list[SearchStep], best: int, g: int) -> bool:
   """True when a probe at `best + g` (or the next multiple above) was compiled and did not fit."""
   return any((not p.fits) and best < p.per_device_batch <= best + g for p in probes)
-
-
-def _config_batch(config: ml_collections.ConfigDict, step: str) -> int | None:
-  if step == "pretrain":
-    return int(config.batch_size)
-  for path in ("train.batch_size", "batch_size", "infer.batch_size"):
-    node = config
-    try:
-      for p in path.split("."):
-        node = node[p]
-      return int(node)
-    except (KeyError, AttributeError, TypeError):
-      continue
-  return None
 
 
 def _gib(x: float) -> str:
@@ -606,7 +589,11 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI: parses flags and prints `format_report(analyse(...))`. Exit status 1 when it does not fit."""
+  """CLI: parses flags and prints `format_report(analyse(...))`.
+
+  Exit status: 0 fits, 1 compiled but does not fit (or the compiler ran out of HBM), 2 error (bad config,
+  topology or sharding).
+  """
   import argparse  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
@@ -615,16 +602,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--config", required=True, help="path.py:ARG, e.g. configs/pretrain.py:vit_s16")
   p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x4, v5e:2x4, v4:2x2x1, v6e:4x4")
   p.add_argument("--step", default="pretrain", choices=STEPS)
-  p.add_argument("--per_chip_batch", type=int, default=None, help="default: config batch / chips")
+  p.add_argument("--per_chip_batch", type=int, default=None,
+                 help="sets the global batch to this x chips (default: the config's batch as is)")
   p.add_argument("--find_max_batch", action="store_true", help="search the largest per-chip batch that fits")
   p.add_argument("--search_start", type=int, default=None)
   p.add_argument("--granularity", type=int, default=1, help="search resolution (per-chip batch)")
   p.add_argument("--max_compiles", type=int, default=12)
   args = p.parse_args(rest)
-  cfg = load_config(args.config, [o[2:] for o in overrides])
-  rep = analyse(cfg, args.topology, step=args.step, per_device_batch=args.per_chip_batch,
-                find_max=args.find_max_batch, search_start=args.search_start, granularity=args.granularity,
-                max_compiles=args.max_compiles, log=lambda s: print(s, flush=True))
+  try:
+    cfg = load_config(args.config, [o[2:] for o in overrides])
+    rep = analyse(cfg, args.topology, step=args.step, per_device_batch=args.per_chip_batch,
+                  find_max=args.find_max_batch, search_start=args.search_start, granularity=args.granularity,
+                  max_compiles=args.max_compiles, log=lambda s: print(s, flush=True))
+  except (AotError, ValueError) as e:
+    print(f"aot: error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
   print(format_report(rep))
   return 0 if rep["fits"] else 1
 
