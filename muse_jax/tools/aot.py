@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
-import math
 import os
 import re
 import sys
@@ -41,7 +40,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from muse_jax.tools import tpu_chips
 
