@@ -21,9 +21,14 @@ from muse_jax.models.layers import torch_default_kernel_init, trunc_normal_02
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """PyTorch `F.normalize`: x / max(||x||_2, eps)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """PyTorch `F.normalize`: x / max(||x||_2, eps), with a finite gradient at x = 0.
+
+  `x * rsqrt(max(sum x², eps²))` equals PyTorch's value everywhere and, unlike `x / max(sqrt(sum x²), eps)`, does not
+  differentiate `sqrt` at 0 (whose infinite derivative times zero gives NaN gradients for all-zero rows such as
+  padded nuclei).
+  """
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 class WeightNormDense(nn.Module):
