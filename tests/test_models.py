@@ -228,3 +228,12 @@ def test_dino_head():
   assert pf["last_layer"]["weight_g"].shape == (50,)
   one = jax.eval_shape(DINOHead(out_dim=10, bottleneck_dim=8, num_layers=1).init, jax.random.key(0), x)["params"]
   assert set(one) == {"mlp_0", "last_layer"}
+
+
+def test_l2_normalize_matches_torch_semantics_and_has_finite_gradient_at_zero():
+  from muse_jax.models.heads import l2_normalize
+
+  x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+  np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
+  grad = jax.grad(lambda v: l2_normalize(v).sum())(x)
+  assert np.all(np.isfinite(np.asarray(grad)))
