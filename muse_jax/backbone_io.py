@@ -46,8 +46,8 @@ def _to_jsonable(value: Any) -> Any:
   return value
 
 
-def _config_from_json(d: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Rebuilds a model ConfigDict; JSON lists become tuples again (configs use tuples)."""
+def config_from_json(d: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Rebuilds a ConfigDict written as JSON; JSON lists become tuples again (configs use tuples)."""
 
   def fix(v):
     if isinstance(v, dict):
@@ -171,7 +171,7 @@ def load_model_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{p}: not a backbone directory (no {MODEL_CONFIG_FILE}); expected the output of "
                             "`python -m muse_jax.export` or `python -m muse_jax.tools.import_torch`")
   try:
-    return _config_from_json(json.loads(p.read_text()))
+    return config_from_json(json.loads(p.read_text()))
   except json.JSONDecodeError as e:
     raise ValueError(f"{p}: corrupt model config ({e})") from e
 

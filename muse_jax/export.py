@@ -29,7 +29,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
   cfg_path = epath.Path(workdir) / train.CONFIG_FILE
   if not cfg_path.exists():
     raise FileNotFoundError(f"{cfg_path} not found: is {workdir} a pretraining workdir?")
-  config = config_from_json(json.loads(cfg_path.read_text()))
+  config = backbone_io.config_from_json(json.loads(cfg_path.read_text()))
   config.progress_bar = False
   config.data_source = "synthetic"  # restoring the state needs no data
   state, at = train.load_state(workdir, config, step)
@@ -38,19 +38,6 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None 
                             extra={"source": "muse_jax.export", "workdir": str(workdir), "step": int(at),
                                    "variant": config.variant, "which": "teacher"})
   return str(out)
-
-
-def config_from_json(d: dict):
-  """ConfigDict from `config.json` (JSON lists back to tuples; None placeholders keep their place)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  def fix(v):
-    if isinstance(v, dict):
-      return {k: fix(x) for k, x in v.items()}
-    if isinstance(v, list):
-      return tuple(fix(x) for x in v)
-    return v
-  return ml_collections.ConfigDict(fix(d))
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir (holds config.json and checkpoints/).")

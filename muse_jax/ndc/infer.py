@@ -203,7 +203,7 @@ class Predictor:
     cfg = json.loads((p / CONFIG_FILE).read_text())
     from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
 
-    model_cfg = backbone_io._config_from_json(cfg["model"])  # pylint: disable=protected-access
+    model_cfg = backbone_io.config_from_json(cfg["model"])
     head_cfg = ml_collections.ConfigDict(cfg["head"])
     variables = ocp.StandardCheckpointer().restore(p / VARIABLES_DIR)
     kwargs = {k: v for k, v in (cfg.get("infer") or {}).items()

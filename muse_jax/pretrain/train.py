@@ -143,6 +143,31 @@ _SETUP_CACHE: dict[tuple, dict] = {}
 _SETUP_CACHE_SIZE = 4
 
 
+def build_step(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> dict[str, Any]:
+  """The train step of `config` on `mesh`, without touching devices or data (shared with `muse_jax.tools.aot`).
+
+  Returns a dict with `mesh`, `nets`, `tx`, `schedules`, `steps_per_epoch`, `total_steps`, `init_rng`, `step_rng`
+  (host keys), `abstract_state` (from `jax.eval_shape`), `shardings`, `batch_sharding`, `replicated`, `step_fn` and
+  `jit_step` (the jitted, sharded, state-donating step).
+  """
+  nets = state_lib.build_networks(config)
+  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  schedules = optim_lib.make_schedules(config.optim, steps_per_epoch, total, config.batch_size)
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract_params = jax.eval_shape(lambda r: state_lib.init_variables(nets, r, config.data.global_size)[0], init_rng)
+  tx = optim_lib.build_optimizer(config.optim, abstract_params, schedules, steps_per_epoch,
+                                 last_layer_name=config.heads.last_layer_name)
+  abstract_state = jax.eval_shape(lambda r: state_lib.create_state(config, nets, tx, r), init_rng)
+  shardings = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+  repl = mesh_lib.replicated(mesh)
+  bsh = mesh_lib.batch_sharding(mesh)
+  step_fn = step_lib.make_step_fn(config, nets, tx, schedules)
+  return dict(mesh=mesh, nets=nets, tx=tx, schedules=schedules, steps_per_epoch=steps_per_epoch,
+              total_steps=total, init_rng=init_rng, step_rng=step_rng, abstract_state=abstract_state,
+              shardings=shardings, batch_sharding=bsh, replicated=repl, step_fn=step_fn,
+              jit_step=step_lib.jit_step(step_fn, shardings, bsh, repl))
+
+
 def setup(config: ml_collections.ConfigDict, devices=None):
   """Everything but the loop: returns a namespace-like dict (used by `run`, the benchmark and the tests).
 
@@ -157,28 +182,14 @@ def setup(config: ml_collections.ConfigDict, devices=None):
   if key in _SETUP_CACHE:
     return dict(_SETUP_CACHE[key], data_iter=data_iter)
   config = ml_collections.ConfigDict(config.to_dict())  # private copy: later edits by the caller must not leak in
-  nets = state_lib.build_networks(config)
   spe = config.steps_per_epoch
   if spe == -1:
     if not n_regions:
       raise ValueError("config.steps_per_epoch=-1 needs a dataset with a known length; set it explicitly")
     spe = max(n_regions // config.batch_size, 1)
-  total = config.total_steps if config.total_steps > 0 else config.num_epochs * spe
-  schedules = optim_lib.make_schedules(config.optim, spe, total, config.batch_size)
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  abstract_params = jax.eval_shape(lambda r: state_lib.init_variables(nets, r, config.data.global_size)[0], init_rng)
-  tx = optim_lib.build_optimizer(config.optim, abstract_params, schedules, spe,
-                                 last_layer_name=config.heads.last_layer_name)
-  abstract_state = jax.eval_shape(lambda r: state_lib.create_state(config, nets, tx, r), init_rng)
-  shardings = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  repl = mesh_lib.replicated(mesh)
-  bsh = mesh_lib.batch_sharding(mesh)
-  step_fn = step_lib.make_step_fn(config, nets, tx, schedules)
-  out = dict(mesh=mesh, nets=nets, tx=tx, schedules=schedules, steps_per_epoch=spe,
-             total_steps=total, init_rng=init_rng, step_rng=jax.device_put(step_rng, repl),
-             abstract_state=abstract_state, shardings=shardings, batch_sharding=bsh, replicated=repl,
-             step_fn=step_fn, jit_step=step_lib.jit_step(step_fn, shardings, bsh, repl),
+  out = build_step(config, mesh, spe)
+  nets, tx, shardings = out["nets"], out["tx"], out["shardings"]
+  out.update(step_rng=jax.device_put(out["step_rng"], out["replicated"]),
              create_state=jax.jit(lambda r: state_lib.create_state(config, nets, tx, r), out_shardings=shardings))
   if len(_SETUP_CACHE) >= _SETUP_CACHE_SIZE:
     _SETUP_CACHE.pop(next(iter(_SETUP_CACHE)))

@@ -184,9 +184,6 @@ def pretrain_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
   """
   # pylint: disable=import-outside-toplevel
   from muse_jax.pretrain import mesh as mesh_lib
-  from muse_jax.pretrain import optim as optim_lib
-  from muse_jax.pretrain import state as state_lib
-  from muse_jax.pretrain import step as step_lib
   from muse_jax.pretrain import train as train_lib
   config = copy.deepcopy(config)
   with config.unlocked():
@@ -200,20 +197,9 @@ def pretrain_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   if check_batch:
     mesh_lib.check_batch(config.batch_size, mesh, process_count=1)
-  nets = state_lib.build_networks(config)
-  spe = config.steps_per_epoch
-  total = config.total_steps if config.total_steps > 0 else config.num_epochs * spe
-  schedules = optim_lib.make_schedules(config.optim, spe, total, config.batch_size)
-  init_rng = jax.random.PRNGKey(config.seed)
-  abstract_params = jax.eval_shape(lambda r: state_lib.init_variables(nets, r, config.data.global_size)[0], init_rng)
-  tx = optim_lib.build_optimizer(config.optim, abstract_params, schedules, spe,
-                                 last_layer_name=config.heads.last_layer_name)
-  abstract_state = jax.eval_shape(lambda r: state_lib.create_state(config, nets, tx, r), init_rng)
-  shardings = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
-  repl = mesh_lib.replicated(mesh)
-  bsh = mesh_lib.batch_sharding(mesh)
-  step_fn = step_lib.make_step_fn(config, nets, tx, schedules)
-  jitted = step_lib.jit_step(step_fn, shardings, bsh, repl)
+  built = train_lib.build_step(config, mesh, config.steps_per_epoch)
+  abstract_state, shardings, init_rng = built["abstract_state"], built["shardings"], built["init_rng"]
+  bsh, repl, jitted = built["batch_sharding"], built["replicated"], built["jit_step"]
   args = (_with_sharding(abstract_state, shardings),
           _with_sharding(pretrain_batch_shapes(config, config.batch_size), bsh),
           jax.ShapeDtypeStruct(init_rng.shape, init_rng.dtype, sharding=repl))
