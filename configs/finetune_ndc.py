@@ -49,6 +49,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.class_names = ("lymphocyte", "tumor", "stromal")
   c.data.max_samples = 0  # > 0: only the first N samples of each split (smoke tests)
   c.data.mpp = 0.5  # the model's working resolution; tiles at another mpp are resampled
+  # Real context around the tiles (muse_jax/ndc/context.py): a CSV manifest `name,context,x,y[,mpp]` giving each
+  # tile's slide (or larger image) and its top-left there. None: context is padding (lfov.pad_mode).
+  c.data.context = ml_collections.config_dict.placeholder(str)
+  c.data.context_tolerance = 25.0  # max mean |RGB difference| between a tile and the context under it
+  c.data.context_cache_mb = 2048.0  # in-memory cache of context crops
 
   c.lfov = ml_collections.ConfigDict()
   c.lfov.enabled = "no_lfov" not in ablations

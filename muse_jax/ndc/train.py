@@ -53,7 +53,9 @@ def _resample_sample(s: Any, mpp: float) -> Any:
   w, h = max(1, round(W * f)), max(1, round(H * f))
   img = np.asarray(Image.fromarray(s.image).resize((w, h), Image.BICUBIC))
   xy = (np.asarray(s.coords, np.float32) + 0.5) * np.array([w / W, h / H], np.float32) - 0.5
-  return Sample(img, xy, s.classes, mpp, s.name, s.split)
+  out = Sample(img, xy, s.classes, mpp, s.name, s.split)
+  out.orig_mpp = s.mpp  # the stored tile's µm/px (the default context mpp, muse_jax/ndc/context.py)
+  return out
 
 
 def load_samples(data_cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
@@ -71,16 +73,24 @@ def field_size(config: ml_collections.ConfigDict) -> int:
 
 
 def make_batch(samples: list[Any], config: ml_collections.ConfigDict, step: int, batch_size: int,
-               max_points: int) -> dict[str, np.ndarray]:
-  """The batch of `step`: a pure function of (config.seed, step)."""
+               max_points: int, context: Any = None) -> dict[str, np.ndarray]:
+  """The batch of `step`: a pure function of (config.seed, step).
+
+  `context` (a `muse_jax.ndc.context.ContextProvider`, optional) supplies the real surroundings of the tiles it
+  knows; other tiles are padded (`config.lfov.pad_mode`).
+  """
   rng = np.random.default_rng([int(config.seed), int(step)])
   F = field_size(config)
   label_size = config.lfov.label_size if config.lfov.enabled else None
   out = []
   for i in rng.integers(0, len(samples), batch_size):
     s = samples[int(i)]
+    ctx, origin = (None, None)
+    if context is not None and config.lfov.enabled and s.name in context:
+      ctx, origin = context.get(s.name, s.image, getattr(s, "orig_mpp", None))
     smp = lfov.make_lfov_sample(s.image, s.coords, s.classes, field=F, rng=rng, label_size=label_size,
-                                pad_mode=config.lfov.pad_mode, center=bool(config.lfov.get("center", False)))
+                                context=ctx, tile_origin=origin, pad_mode=config.lfov.pad_mode,
+                                center=bool(config.lfov.get("center", False)))
     if config.lfov.flips:
       smp = lfov.random_dihedral(smp, rng)
     out.append(smp)
@@ -282,6 +292,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   max_points = int(config.train.max_points) or int(64 * math.ceil(max(len(s.coords) for s in train) / 64 + 1e-9))
   max_points = max(max_points, 64)
 
+  from muse_jax.ndc import context as context_lib  # pylint: disable=import-outside-toplevel
+
+  context = (context_lib.from_config(config.data, F, [s.name for s in train]) if config.lfov.enabled else None)
   model_cfg, module, variables = init_model(config, C)
   tx = build_optimizer(config, variables["params"])
   state = {"step": jnp.zeros([], jnp.int32), "params": variables["params"], "batch_stats": variables["batch_stats"],
@@ -310,7 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   val = None
   t0, t_last = time.time(), time.time()
   for step in range(start, total):
-    batch = make_batch(train, config, step, B, max_points)
+    batch = make_batch(train, config, step, B, max_points, context)
     batch = jax.device_put(batch, data_sh)
     state, m = step_fn(state, batch)
     if (step + 1) % int(config.train.log_every) == 0 or step + 1 == total or step == start:
@@ -343,6 +356,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   if ckpt.latest_step() != final_step:
     ckpt.save(final_step, state)
   ckpt.close()
+  if context is not None:
+    context.close()
 
   variables = export_variables(state, config.train.export, config.semi.enabled)
   export = infer_lib.save_predictor(os.path.join(workdir, "export"), model_cfg, config.head, class_names,
