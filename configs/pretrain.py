@@ -7,6 +7,12 @@ Variants (`--config configs/pretrain.py:VARIANT`):
     recipe), 100 epochs, global batch 512.
   * `r50`: ResNet-50 backbone with the same recipe (no drop-path).
   * `lfov_vit_b16`: large field of view, 2 x 512 + 4 x 208 views (spec §3.6).
+  * `study`: the CPU-sized recipe of the reproduction study (issue #9, `experiments/study.py`): the `tiny` model
+    and optimiser, 2 x 96 px global + 4 x 48 px local views at a mixed physical resolution mpp U(0.5, 1.0), batch 8,
+    a few hundred steps (minutes on 2 cores). Data: `--config.data.source='brca:BRCA|folder:REGIONS'` (BRCA-M2C
+    train + val tiles and unlabelled slide regions; never the test tiles) with `--config.data.region_mpp` the
+    regions' µm/px. Ablations: `--config.loss.w_nu=0` (DINO), `--config.loss.w_image=0` (NuLo),
+    `--config.data.mpp_range='(0.5, 0.5)'` (fixed mpp).
 
 Launch (one host; any number of local devices):
 
@@ -30,7 +36,7 @@ import ml_collections
 from configs import models as models_cfg
 from muse_jax.data import pipeline
 
-VARIANTS = ("tiny", "vit_s16", "vit_b16", "r50", "lfov_vit_b16")
+VARIANTS = ("tiny", "vit_s16", "vit_b16", "r50", "lfov_vit_b16", "study")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -41,7 +47,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.variant = variant
   c.seed = 0
   model_variant = {"tiny": "tiny", "vit_s16": "vit_s16", "vit_b16": "vit_b16", "r50": "r50",
-                   "lfov_vit_b16": "vit_b16"}[variant]
+                   "lfov_vit_b16": "vit_b16", "study": "tiny"}[variant]
   c.model = models_cfg.get_config(model_variant)
   c.drop_path_rate = 0.0 if variant == "r50" else 0.1  # student only; the teacher always uses 0
 
@@ -106,7 +112,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.progress_bar = True
 
-  if variant == "tiny":
+  if variant in ("tiny", "study"):
     c.data.n_global, c.data.global_size = 2, 64
     c.data.n_local, c.data.local_size = 2, 32
     c.data.max_nuclei_global, c.data.max_nuclei_local = 32, 16
@@ -130,6 +136,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.momentum_teacher = 0.996
     c.checkpoint_every_steps = 50
     c.log_every_steps = 5
+  if variant == "study":
+    # Sized from a timing run on the shared 2 cores (experiments/RESULTS.md, "Reproduction study").
+    c.data.source = "brca:BRCA-M2C"  # the study passes 'brca:PATH|folder:REGIONS'
+    c.data.n_global, c.data.global_size = 2, 96
+    c.data.n_local, c.data.local_size = 4, 48
+    c.data.max_nuclei_global, c.data.max_nuclei_local = 64, 32
+    c.data.mpp_range = (0.5, 1.0)  # BRCA-M2C is 0.5 µm/px: finer would only upsample
+    c.data.read_threads = 2
+    c.num_epochs = 10
+    c.steps_per_epoch = 40  # 400 steps: ~5 steps/s after ~35 s of start-up and compilation on 2 idle cores
+    c.checkpoint_every_steps = 100
+    c.log_every_steps = 10
+    c.progress_bar = False
   elif variant == "lfov_vit_b16":
     c.data.n_global, c.data.global_size = 2, 512
     c.data.n_local = 4

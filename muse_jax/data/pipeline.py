@@ -25,7 +25,11 @@ Sources (`cfg.source`):
 * `'tfds:DATA_DIR'` or `'tfds:NAME@DATA_DIR'`: records prepared by `python -m muse_jax.data.prepare` (`regions` by
   default; `split` from `cfg.split`), read with `tfds.data_source`;
 * `'folder:PATH'`: image files (mpp `cfg.region_mpp`, required) with nucleus points from sidecar CSV/GeoJSON files
-  or, without them, from the classical detector (`muse_jax.data.detect`; run per read, so prepare records for speed).
+  or, without them, from the classical detector (`muse_jax.data.detect`; run per read, so prepare records for speed);
+* a **union** of the above, joined with `|`, e.g. `'brca:/data/BRCA-M2C|folder:/data/slide_regions'`: the records of
+  every part, one after the other (`UnionSource`), shuffled together. In a union every record carries its own `mpp`
+  (BRCA-M2C 0.5, tfds records theirs, folder parts `cfg.region_mpp`), so `cfg.region_mpp` only names the folder
+  parts' resolution and does not override the other parts' records. A part may appear once per union.
 """
 
 from __future__ import annotations
@@ -125,6 +129,33 @@ class FolderRegions:
     return {'image': image, 'coords': coords, 'mpp': np.float32(self.mpp), 'name': path.stem}
 
 
+@dataclasses.dataclass
+class UnionSource:
+  """Random-access concatenation of region sources; record `i` of the union is record `i - offset` of one part.
+
+  Every record keeps its own `mpp` (`make_pretrain_dataset` then ignores `region_mpp` for the views).
+  """
+  parts: Sequence[Any]
+  names: Sequence[str]
+
+  def __post_init__(self):
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts]).tolist()
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f'UnionSource: index {i} outside [0, {len(self)}).')
+    k = int(np.searchsorted(self.offsets, i, side='right')) - 1
+    rec = dict(self.parts[k][i - self.offsets[k]])
+    if 'mpp' not in rec:
+      raise ValueError(f'UnionSource: record {i} of part {self.names[k]!r} has no "mpp" (each record of a union '
+                       'must carry its own).')
+    return rec
+
+
 def samples_to_regions(samples: Sequence[readers.Sample]) -> RegionList:
   """Wraps `Sample`s as region records (classes dropped)."""
   return RegionList([{'image': s.image, 'coords': s.coords, 'mpp': np.float32(s.mpp), 'name': s.name}
@@ -134,6 +165,19 @@ def samples_to_regions(samples: Sequence[readers.Sample]) -> RegionList:
 def open_pretrain_source(data_cfg: ml_collections.ConfigDict):
   """Opens the random-access region source named by `data_cfg.source` (see the module docstring)."""
   src = str(data_cfg.source)
+  if '|' in src:
+    names = [p.strip() for p in src.split('|')]
+    if any(not p for p in names) or len(set(names)) != len(names):
+      raise ValueError(f'data source {src!r}: a union needs non-empty, distinct parts joined by "|".')
+    parts = []
+    for name in names:
+      sub = ml_collections.ConfigDict(data_cfg.to_dict())
+      sub.source = name
+      part = open_pretrain_source(sub)
+      if len(part) == 0:
+        raise ValueError(f'data source {src!r}: part {name!r} has no records.')
+      parts.append(part)
+    return UnionSource(parts, names)
   kind, _, arg = src.partition(':')
   if src == 'bundled' or kind == 'brca':
     from muse_jax.data import bundled_sample_dir  # pylint: disable=g-import-not-at-top
@@ -188,6 +232,8 @@ def make_pretrain_dataset(source, data_cfg: ml_collections.ConfigDict, *, seed: 
   if process_count > len(source):
     raise ValueError(f'{process_count} processes but only {len(source)} records.')
   cfg = _plain_cfg(data_cfg)
+  if isinstance(source, UnionSource):
+    cfg['region_mpp'] = None  # every union record carries its own mpp
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.seed(seed).shuffle().repeat()
   ds = ds.random_map(_MakeViews(cfg))

@@ -1,0 +1,555 @@
+r"""The small-scale reproduction study of issue #9: ablations of MUSE pretraining on BRCA-M2C, on CPUs.
+
+  python experiments/study.py all --brca /path/to/BRCA-M2C --slide /path/to/CMU-1-Small-Region --root runs/study
+  python experiments/study.py report --root runs/study          # tables, figures, JSON from what has finished
+
+Stages (each resumable: a finished run is skipped, an interrupted pretraining resumes from its checkpoint):
+  slide     cuts the unlabelled slide into 512 px regions at its native mpp (~0.499 µm/px), skipping background
+            (`muse_jax.slide.tissue` on a thumbnail), with nucleus points from the classical detector
+            (`muse_jax.data.detect`) as sidecar CSVs: `ROOT/slide_regions/{images,points}/`, read by the
+            pipeline's `folder:` source.
+  pretrain  `python -m muse_jax.main --config configs/pretrain.py:study` for every method x seed on
+            `brca:BRCA|folder:ROOT/slide_regions` (BRCA-M2C train + val + the slide regions; never test), then
+            `python -m muse_jax.export` (the teacher backbone).
+  eval      `python -m muse_jax.evaluate` kNN + linear at mpp 0.5 / size 224 on the full BRCA-M2C test split.
+  ndc       `python -m muse_jax.finetune --config configs/finetune_ndc.py:tiny` (the same short schedule for every
+            method), `python -m muse_jax.predict` on the test tiles, `python -m muse_jax.score` (mcspatnet, muse).
+  report    `ROOT/study.md` + `ROOT/study.json` (mean ± std over seeds, per-seed values, wall times) and PNGs in
+            `--figures` (loss curves, accuracy / F1 by method).
+  all       the five in order.
+
+Methods: `random` (random:tiny with the seed, no pretraining), `dino` (loss.w_nu=0), `nulo` (loss.w_image=0),
+`muse` (both losses), `muse_fixed` (both, fixed mpp 0.5). Every run is a subprocess of the project's own CLI; its
+command line, wall time and exit status go to `ROOT/<stage>/<method>_s<seed>/run.json` and its output to `log.txt`,
+and are printed, so what is printed is what a user would type.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+METHODS = ("random", "dino", "nulo", "muse", "muse_fixed")
+PRETRAINED = ("dino", "nulo", "muse", "muse_fixed")
+METHOD_OVERRIDES: dict[str, dict[str, str]] = {
+    "dino": {"loss.w_nu": "0"},
+    "nulo": {"loss.w_image": "0"},
+    "muse": {},
+    "muse_fixed": {"data.mpp_range": "(0.5, 0.5)"},
+}
+METHOD_LABELS = {"random": "random init", "dino": "DINO (image loss)", "nulo": "NuLo (nucleus loss)",
+                 "muse": "MUSE (both)", "muse_fixed": "MUSE, fixed mpp 0.5"}
+SEEDS = (0, 1, 2)
+REGION_SIZE = 512
+REGION_MIN_TISSUE = 0.5
+EVAL_MPP, EVAL_SIZE = 0.5, 224
+NDC_STEPS = 150
+STAGES = ("slide", "pretrain", "eval", "ndc", "report")
+# (table key, JSON path inside a run's gathered numbers, header)
+EVAL_METRICS = (("knn_best_acc", "kNN acc (best k on test)"), ("knn_val_acc", "kNN acc (k on val)"),
+                ("linear_acc", "linear acc"), ("knn_best_f1", "kNN macro-F1 (best k)"),
+                ("knn_val_f1", "kNN macro-F1 (k on val)"), ("linear_f1", "linear macro-F1"))
+NDC_METRICS = (("mcspatnet_det", "F_det (mcspatnet)"), ("mcspatnet_mean", "mean class F1 (mcspatnet)"),
+               ("muse_det", "F_det (muse)"), ("muse_mean", "mean class F1 (muse)"))
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+def run_name(method: str, seed: int) -> str:
+  return f"{method}_s{seed}"
+
+
+def pretrain_command(python: str, root: pathlib.Path, method: str, seed: int, source: str,
+                     region_mpp: float, extra: Sequence[str] = ()) -> list[str]:
+  """`python -m muse_jax.main` for one pretrained method and seed."""
+  cmd = [python, "-m", "muse_jax.main", "--config", "configs/pretrain.py:study",
+         "--workdir", str(root / "pretrain" / run_name(method, seed)),
+         f"--config.seed={seed}", f"--config.data.source={source}", f"--config.data.region_mpp={region_mpp}"]
+  cmd += [f"--config.{k}={v}" for k, v in METHOD_OVERRIDES[method].items()]
+  return cmd + list(extra)
+
+
+def backbone_of(root: pathlib.Path, method: str, seed: int) -> str:
+  """The backbone source of a method: random:tiny (seed passed separately) or the exported teacher."""
+  if method == "random":
+    return "random:tiny"
+  return str(root / "pretrain" / run_name(method, seed) / "export")
+
+
+def eval_command(python: str, root: pathlib.Path, brca: str, method: str, seed: int) -> list[str]:
+  return [python, "-m", "muse_jax.evaluate", "--backbone", backbone_of(root, method, seed),
+          "--backbone_seed", str(seed), "--method", f"{method} s{seed}", "--dataset", "brca_m2c",
+          "--data_dir", brca, "--protocols", "knn,linear", "--mpp", str(EVAL_MPP), "--size", str(EVAL_SIZE),
+          "--out", str(root / "eval" / run_name(method, seed)), "--no_progress"]
+
+
+def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: int,
+                 steps: int = NDC_STEPS) -> list[list[str]]:
+  """Fine-tune, predict the test tiles, score (mcspatnet + muse rules)."""
+  wd = root / "ndc" / run_name(method, seed)
+  init = f"random:tiny" if method == "random" else backbone_of(root, method, seed)
+  test_names = (pathlib.Path(brca) / "brca_ds_test.txt").read_text().split()
+  inputs = [str(pathlib.Path(brca) / "images" / n) for n in test_names]
+  ft = [python, "-m", "muse_jax.finetune", "--config", "configs/finetune_ndc.py:tiny", "--init", init,
+        "--workdir", str(wd / "train"), f"--config.seed={seed}", f"--config.data.dir={brca}",
+        f"--config.train.steps={steps}", "--config.train.progress=False", f"--config.train.ckpt_every={steps}"]
+  pred = [python, "-m", "muse_jax.predict", "--checkpoint", str(wd / "train" / "export"), "--inputs", *inputs,
+          "--mpp", "0.5", "--out", str(wd / "test_pred"), "--no-overlay"]
+  score = [python, "-m", "muse_jax.score", "--predictions", str(wd / "test_pred"), "--labels", brca,
+           "--split", "test", "--mpp", "0.5", "--modes", "mcspatnet,muse", "--json", str(wd / "scores.json")]
+  return [ft, pred, score]
+
+
+def short_cmd(cmd: Sequence[str], max_inputs: int = 2) -> str:
+  """The command as a shell line, with long `--inputs` lists shortened (for tables)."""
+  out, skip = [], 0
+  for i, a in enumerate(cmd):
+    if skip:
+      skip -= 1
+      continue
+    out.append(a)
+    if a == "--inputs":
+      files = []
+      for x in cmd[i + 1:]:
+        if x.startswith("--"):
+          break
+        files.append(x)
+      out += files[:max_inputs] + ([f"... ({len(files)} files)"] if len(files) > max_inputs else [])
+      skip = len(files)
+  return shlex.join(out)
+
+
+# ------------------------------------------------------------------------------------------------------ runner
+
+def run_logged(cmds: list[list[str]], run_dir: pathlib.Path, *, cwd: str, env: dict[str, str] | None = None,
+               done_file: str = "run.json") -> dict[str, Any]:
+  """Runs `cmds` one after the other (stops at the first failure), logs to `run_dir/log.txt`, records
+  `run_dir/run.json` {'commands', 'wall_s' (per command), 'rc', 'finished'}. Skips when already finished."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  done = run_dir / done_file
+  if done.exists():
+    rec = json.loads(done.read_text())
+    if rec.get("finished"):
+      print(f"[skip] {run_dir} (finished: {sum(rec['wall_s']):.0f} s)", flush=True)
+      return rec
+  rec = {"commands": [shlex.join(c) for c in cmds], "wall_s": [], "rc": None, "finished": False,
+         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  with (run_dir / "log.txt").open("a") as log:
+    for c in cmds:
+      print("$ " + short_cmd(c), flush=True)
+      log.write("$ " + shlex.join(c) + "\n")
+      log.flush()
+      t = time.perf_counter()
+      p = subprocess.run(c, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+      rec["wall_s"].append(round(time.perf_counter() - t, 1))
+      rec["rc"] = p.returncode
+      print(f"  -> rc {p.returncode} in {rec['wall_s'][-1]:.0f} s", flush=True)
+      if p.returncode:
+        break
+  rec["finished"] = rec["rc"] == 0
+  done.write_text(json.dumps(rec, indent=2))
+  return rec
+
+
+# ------------------------------------------------------------------------------------------------------ slide
+
+def cut_slide(slide_path: str, out: pathlib.Path, *, size: int = REGION_SIZE,
+              min_tissue: float = REGION_MIN_TISSUE) -> dict[str, Any]:
+  """Cuts `slide_path` into non-overlapping `size` px regions at its native mpp, keeping those with at least
+  `min_tissue` tissue (thumbnail mask), and writes `out/images/<name>.png` + `out/points/<name>.csv` (x, y from
+  the classical detector). Returns a summary (also `out/regions.json`)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  from muse_jax.data import detect  # pylint: disable=import-outside-toplevel
+  from muse_jax.slide import reader, tissue  # pylint: disable=import-outside-toplevel
+
+  summary_path = out / "regions.json"
+  if summary_path.exists():
+    return json.loads(summary_path.read_text())
+  (out / "images").mkdir(parents=True, exist_ok=True)
+  (out / "points").mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  with reader.open_slide(slide_path) as s:
+    mpp = float(s.mpp)
+    thumb_mpp = 8.0
+    thumb = s.thumbnail(thumb_mpp)
+    mask = tissue.tissue_mask(thumb, thumb_mpp)
+    w, h = s.dimensions
+    scale = mpp / thumb_mpp  # thumbnail px per level-0 px
+    kept, skipped = [], 0
+    for y in range(0, h - size + 1, size):
+      for x in range(0, w - size + 1, size):
+        m = mask[int(y * scale):int(math.ceil((y + size) * scale)), int(x * scale):int(math.ceil((x + size) * scale))]
+        frac = float(m.mean()) if m.size else 0.0
+        if frac < min_tissue:
+          skipped += 1
+          continue
+        img = s.read_level(0, x, y, size, size)
+        pts = detect.detect_nuclei(img, mpp)
+        name = f"cmu1_x{x}_y{y}"
+        Image.fromarray(img).save(out / "images" / f"{name}.png")
+        with (out / "points" / f"{name}.csv").open("w") as f:
+          f.write("x,y\n" + "".join(f"{px:.2f},{py:.2f}\n" for px, py in np.asarray(pts)))
+        kept.append({"name": name, "x": x, "y": y, "tissue": round(frac, 3), "nuclei": int(len(pts))})
+  summary = {"slide": str(slide_path), "mpp": mpp, "size": size, "min_tissue": min_tissue,
+             "slide_px": [int(w), int(h)], "regions": kept, "skipped_background": skipped,
+             "nuclei": int(sum(r["nuclei"] for r in kept)), "seconds": round(time.perf_counter() - t0, 1)}
+  summary_path.write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+def slide_source(root: pathlib.Path, brca: str) -> str:
+  return f"brca:{brca}|folder:{root / 'slide_regions'}"
+
+
+def do_pretrain(args, method: str, seed: int) -> dict[str, Any] | None:
+  """Pretrains one method/seed (resuming) and exports its teacher; None for `random`."""
+  if method == "random":
+    return None
+  root = pathlib.Path(args.root)
+  regions = json.loads((root / "slide_regions" / "regions.json").read_text())
+  wd = root / "pretrain" / run_name(method, seed)
+  extra = [f"--config.total_steps={args.pretrain_steps}"] if args.pretrain_steps else []
+  cmds = [pretrain_command(args.python, root, method, seed, slide_source(root, args.brca), regions["mpp"], extra),
+          [args.python, "-m", "muse_jax.export", "--workdir", str(wd), "--out", str(wd / "export")]]
+  return run_logged(cmds, wd, cwd=args.repo)
+
+
+def do_eval(args, method: str, seed: int) -> dict[str, Any]:
+  root = pathlib.Path(args.root)
+  return run_logged([eval_command(args.python, root, args.brca, method, seed)],
+                    root / "eval" / run_name(method, seed), cwd=args.repo, done_file="run.json")
+
+
+def do_ndc(args, method: str, seed: int) -> dict[str, Any]:
+  root = pathlib.Path(args.root)
+  return run_logged(ndc_commands(args.python, root, args.brca, method, seed, args.ndc_steps),
+                    root / "ndc" / run_name(method, seed), cwd=args.repo)
+
+
+def chain(args, method: str, seed: int, stages: Sequence[str]) -> None:
+  """The stages of one method/seed in order; a failed stage stops the chain (reported, not raised)."""
+  for st, fn in (("pretrain", do_pretrain), ("eval", do_eval), ("ndc", do_ndc)):
+    if st not in stages:
+      continue
+    if st != "pretrain" and method != "random" and getattr(args, "wait_pretrain", False):
+      while not _finished(args, "pretrain", method, seed):  # another driver is pretraining it
+        if args.deadline and time.time() > args.deadline:
+          print(f"[deadline] {run_name(method, seed)} was not pretrained in time", flush=True)
+          return
+        time.sleep(10)
+    if args.deadline and time.time() > args.deadline and not _finished(args, st, method, seed):
+      print(f"[deadline] not starting {st} {run_name(method, seed)}", flush=True)
+      return
+    rec = fn(args, method, seed)
+    if rec is not None and not rec.get("finished"):
+      print(f"[failed] {st} {run_name(method, seed)}: see {args.root}/{st}/{run_name(method, seed)}/log.txt",
+            flush=True)
+      return
+
+
+def _finished(args, stage: str, method: str, seed: int) -> bool:
+  p = pathlib.Path(args.root) / stage / run_name(method, seed) / "run.json"
+  return p.exists() and json.loads(p.read_text()).get("finished", False)
+
+
+def run_all(args, stages: Sequence[str]) -> None:
+  """Seed-major order (every method of seed 0 first), `--jobs` chains at a time."""
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+
+  jobs = [(m, s) for s in args.seeds for m in args.methods]
+  if args.jobs <= 1:
+    for m, s in jobs:
+      chain(args, m, s, stages)
+    return
+  with ThreadPoolExecutor(args.jobs) as ex:
+    for f in [ex.submit(chain, args, m, s, stages) for m, s in jobs]:
+      f.result()
+
+
+# ------------------------------------------------------------------------------------------------- gather
+
+def _get(d: Any, *keys, default=None):
+  for k in keys:
+    if not isinstance(d, dict) or k not in d:
+      return default
+    d = d[k]
+  return d
+
+
+def eval_numbers(results: dict) -> dict[str, float]:
+  """kNN (best k on test, k on val) and linear accuracy / macro-F1 (in %) from an evaluate `results.json`."""
+  out: dict[str, float] = {}
+  for r in results.get("rows", []):
+    res = r["result"]
+    if r["protocol"] == "knn":
+      out["knn_best_acc"] = 100 * res["official"]["accuracy"]
+      out["knn_best_f1"] = 100 * res["official"]["metrics"]["macro_f1"]
+      out["knn_best_k"] = res["official"]["k"]
+      if "honest" in res:
+        out["knn_val_acc"] = 100 * res["honest"]["accuracy"]
+        out["knn_val_f1"] = 100 * res["honest"]["metrics"]["macro_f1"]
+        out["knn_val_k"] = res["honest"]["k"]
+    elif r["protocol"] == "linear":
+      out["linear_acc"] = 100 * res["accuracy"]
+      out["linear_f1"] = 100 * res["metrics"]["macro_f1"]
+      out["linear_epoch"] = res.get("best_epoch")
+  return out
+
+
+def ndc_numbers(scores: list[dict]) -> dict[str, float]:
+  """Detection F1 and mean class F1 (in %) per matching rule from a `muse_jax.score --json` file."""
+  out = {}
+  for s in scores:
+    out[f"{s['mode']}_det"] = 100 * s["detection"]["f1"]
+    out[f"{s['mode']}_mean"] = 100 * s["mean_f1"]
+  return out
+
+
+def read_curve(metrics_path: pathlib.Path) -> list[dict]:
+  if not metrics_path.exists():
+    return []
+  return [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip() and '"loss"' in x]
+
+
+def gather(root: pathlib.Path, methods: Sequence[str] = METHODS, seeds: Sequence[int] = SEEDS) -> dict:
+  """Every number of the study: {'runs': {name: {method, seed, eval..., ndc..., wall_s...}}, 'curves': {...}}."""
+  runs, curves = {}, {}
+  for m in methods:
+    for s in seeds:
+      name = run_name(m, s)
+      rec: dict[str, Any] = {"method": m, "seed": s}
+      for stage in ("pretrain", "eval", "ndc"):
+        rj = root / stage / name / "run.json"
+        if rj.exists():
+          r = json.loads(rj.read_text())
+          rec[f"{stage}_wall_s"] = r["wall_s"]
+          rec[f"{stage}_finished"] = r["finished"]
+          rec[f"{stage}_commands"] = r["commands"]
+      ev = root / "eval" / name / "results.json"
+      if ev.exists():
+        rec.update(eval_numbers(json.loads(ev.read_text())))
+      sc = root / "ndc" / name / "scores.json"
+      if sc.exists():
+        rec.update(ndc_numbers(json.loads(sc.read_text())))
+      if m != "random":
+        curve = read_curve(root / "pretrain" / name / "metrics.jsonl")
+        if curve:
+          curves[name] = [{k: c.get(k) for k in ("step", "loss", "loss_image", "loss_nu", "steps_per_s")}
+                          for c in curve]
+          rec["pretrain_steps"] = curve[-1]["step"]
+          rec["final_loss"] = curve[-1]["loss"]
+          rec["steps_per_s"] = curve[-1].get("steps_per_s")
+      runs[name] = rec
+  return {"runs": runs, "curves": curves}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+  """Mean and sample standard deviation (ddof=1; 0 for one value) of the finite values, and their count."""
+  v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+  if not v:
+    return float("nan"), float("nan"), 0
+  mu = sum(v) / len(v)
+  sd = math.sqrt(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+  return mu, sd, len(v)
+
+
+def aggregate(data: dict, keys: Sequence[str], methods: Sequence[str] = METHODS) -> dict[str, dict[str, tuple]]:
+  """{method: {key: (mean, std, n)}} over the seeds present."""
+  out = {}
+  for m in methods:
+    rs = [r for r in data["runs"].values() if r["method"] == m]
+    out[m] = {k: mean_std([r.get(k) for r in rs]) for k in keys}
+  return out
+
+
+def fmt_ms(t: tuple) -> str:
+  mu, sd, n = t
+  if n == 0:
+    return "not run"
+  return f"{mu:.2f} ± {sd:.2f}" + ("" if n == 3 else f" (n={n})")
+
+
+def table(data: dict, metrics: Sequence[tuple[str, str]], methods: Sequence[str] = METHODS) -> str:
+  """Markdown: one row per method, mean ± std over seeds of each metric."""
+  agg = aggregate(data, [k for k, _ in metrics], methods)
+  lines = ["| method | " + " | ".join(h for _, h in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+  for m in methods:
+    lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(fmt_ms(agg[m][k]) for k, _ in metrics) + " |")
+  return "\n".join(lines)
+
+
+def per_seed_table(data: dict, metrics: Sequence[tuple[str, str]]) -> str:
+  lines = ["| run | " + " | ".join(h for _, h in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+  for name, r in data["runs"].items():
+    cells = []
+    for k, _ in metrics:
+      v = r.get(k)
+      cells.append("–" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def wall_table(data: dict) -> str:
+  lines = ["| run | pretrain + export (s) | steps | steps/s | eval kNN + linear (s) | NDC fine-tune / predict / "
+           "score (s) |", "|---|---|---|---|---|---|"]
+  for name, r in data["runs"].items():
+    def w(key):
+      v = r.get(key)
+      return "–" if not v else " + ".join(f"{x:.0f}" for x in v) + ("" if r.get(key.replace("wall_s", "finished"))
+                                                                     else " (unfinished)")
+    sps = r.get("steps_per_s")
+    lines.append(f"| {name} | {w('pretrain_wall_s')} | {r.get('pretrain_steps', '–')} | "
+                 f"{'–' if sps is None else f'{sps:.2f}'} | {w('eval_wall_s')} | {w('ndc_wall_s')} |")
+  return "\n".join(lines)
+
+
+def plot_figures(data: dict, fig_dir: pathlib.Path, methods: Sequence[str] = METHODS) -> list[str]:
+  """Loss curves per method (one line per seed) and accuracy / F1 bars by method with the seed spread."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig_dir.mkdir(parents=True, exist_ok=True)
+  written = []
+  pre = [m for m in methods if m != "random"]
+  if data["curves"]:
+    fig, axes = plt.subplots(1, len(pre), figsize=(3.2 * len(pre), 2.8), sharey=False, squeeze=False)
+    axes = axes[0]
+    for ax, m in zip(axes, pre):
+      for name, c in sorted(data["curves"].items()):
+        if data["runs"][name]["method"] != m:
+          continue
+        steps = [x["step"] for x in c]
+        ax.plot(steps, [x["loss"] for x in c], label=f"total s{data['runs'][name]['seed']}")
+        if m in ("muse", "muse_fixed"):
+          ax.plot(steps, [x["loss_image"] for x in c], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+          ax.plot(steps, [x["loss_nu"] for x in c], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+      ax.set_title(METHOD_LABELS[m], fontsize=8)
+      ax.set_xlabel("step", fontsize=8)
+      ax.tick_params(labelsize=7)
+      ax.legend(fontsize=6)
+    axes[0].set_ylabel("loss (MUSE: total; dotted image, dashed nucleus)", fontsize=6)
+    fig.tight_layout()
+    p = fig_dir / "study_loss_curves.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    written.append(str(p))
+  for fname, metrics, title in (
+      ("study_eval_by_method.png", EVAL_METRICS, "BRCA-M2C test, mpp 0.5 / 224: kNN and linear (%)"),
+      ("study_ndc_by_method.png", NDC_METRICS, "BRCA-M2C test, NDC after fine-tuning (%)")):
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+      rs = [r for r in data["runs"].values() if r["method"] == m]
+      for i, (k, _) in enumerate(metrics):
+        vals = [r[k] for r in rs if r.get(k) is not None]
+        if not vals:
+          continue
+        mu = sum(vals) / len(vals)
+        x = i + (j - (len(methods) - 1) / 2) * width
+        ax.bar(x, mu, width, color=f"C{j}", label=METHOD_LABELS[m] if i == 0 else None, alpha=0.8)
+        ax.scatter([x] * len(vals), vals, s=6, color="k", zorder=3)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels([h for _, h in metrics], fontsize=6, rotation=15)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title + "; bars = mean, dots = seeds", fontsize=8)
+    ax.legend(fontsize=6, ncol=len(methods), loc="lower center")
+    fig.tight_layout()
+    p = fig_dir / fname
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    written.append(str(p))
+  return written
+
+
+def report(root: pathlib.Path, fig_dir: pathlib.Path, methods: Sequence[str] = METHODS,
+           seeds: Sequence[int] = SEEDS) -> str:
+  """Writes `root/study.json`, `root/study.md` and the figures; returns the Markdown."""
+  data = gather(root, methods, seeds)
+  figs = plot_figures(data, fig_dir, methods)
+  md = ["### Linear / kNN (BRCA-M2C test, mpp 0.5, size 224; %, mean ± std over seeds)", "",
+        table(data, EVAL_METRICS, methods), "",
+        "### NDC after fine-tuning (BRCA-M2C test; F1 %, mean ± std over seeds)", "",
+        table(data, NDC_METRICS, methods), "", "### Per seed", "",
+        per_seed_table(data, EVAL_METRICS + (("knn_best_k", "k (best)"), ("knn_val_k", "k (val)"),
+                                             ("linear_epoch", "linear epoch")) + NDC_METRICS
+                       + (("final_loss", "final pretrain loss"),)), "",
+        "### Wall time per run (s)", "", wall_table(data), ""]
+  text = "\n".join(md)
+  (root / "study.md").write_text(text)
+  (root / "study.json").write_text(json.dumps({**data, "figures": figs}, indent=1))
+  return text
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python experiments/study.py", description=__doc__.splitlines()[0])
+  p.add_argument("stage", choices=STAGES + ("all",))
+  p.add_argument("--brca", default=os.environ.get("MUSE_BRCA_M2C_DIR"), help="BRCA-M2C folder")
+  p.add_argument("--slide", default=None, help="the unlabelled slide (a file, or a folder holding one .svs)")
+  p.add_argument("--root", default="runs/study", help="output folder of every run")
+  p.add_argument("--figures", default=str(pathlib.Path(__file__).parent / "figures"))
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+  p.add_argument("--pretrain_steps", type=int, default=0, help="override total_steps (0: the study config's)")
+  p.add_argument("--ndc_steps", type=int, default=NDC_STEPS)
+  p.add_argument("--jobs", type=int, default=1, help="method/seed chains run at once")
+  p.add_argument("--deadline", default=None, help="HH:MM (UTC today): start no new run after it")
+  p.add_argument("--wait_pretrain", action="store_true",
+                 help="eval/ndc: wait for each pretraining (run by another driver) to finish")
+  p.add_argument("--python", default=sys.executable)
+  a = p.parse_args(argv)
+  a.methods = [m for m in a.methods.split(",") if m]
+  bad = [m for m in a.methods if m not in METHODS]
+  if bad:
+    p.error(f"--methods: unknown {bad}; expected some of {METHODS}")
+  a.seeds = [int(s) for s in a.seeds.split(",") if s]
+  a.repo = str(pathlib.Path(__file__).resolve().parent.parent)
+  a.root = str(pathlib.Path(a.root).resolve())
+  if a.deadline:
+    hh, mm = map(int, a.deadline.split(":"))
+    t = time.gmtime()
+    a.deadline = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, hh, mm, 0, 0, 0, 0)) - time.timezone
+  if a.stage != "report" and not a.brca:
+    p.error("--brca (or MUSE_BRCA_M2C_DIR) is required")
+  if a.stage in ("slide", "all") and not a.slide:
+    p.error("--slide is required for the slide stage")
+  return a
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  a = parse_args(argv)
+  root = pathlib.Path(a.root)
+  root.mkdir(parents=True, exist_ok=True)
+  if a.stage in ("slide", "all"):
+    slide = pathlib.Path(a.slide)
+    if slide.is_dir():
+      found = sorted(slide.glob("*.svs"))
+      if not found:
+        raise SystemExit(f"--slide {slide}: no .svs file in the folder")
+      slide = found[0]
+    s = cut_slide(str(slide), root / "slide_regions")
+    print(f"slide: {len(s['regions'])} regions of {s['size']} px at {s['mpp']} µm/px, {s['nuclei']} detected "
+          f"nuclei, {s['skipped_background']} background windows skipped", flush=True)
+  stages = ["pretrain", "eval", "ndc"] if a.stage == "all" else [a.stage]
+  if any(s in stages for s in ("pretrain", "eval", "ndc")):
+    run_all(a, stages)
+  if a.stage in ("report", "all"):
+    print(report(root, pathlib.Path(a.figures), a.methods, a.seeds))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
