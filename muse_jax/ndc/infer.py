@@ -137,6 +137,63 @@ def save_predictor(path: str | os.PathLike, model_cfg: Any, head_cfg: Any, class
   return path
 
 
+def build_forward(module: Any, num_classes: int, max_detections: int, mesh: jax.sharding.Mesh | None = None):
+  """The jitted inference forward of `Predictor`: ONE builder for `Predictor` and `abstract_forward` (AOT tool).
+
+  `forward(variables, tiles uint8 [B, S, S, 3]) -> (points f32 [B, K, 2], classes i32 [B, K], scores f32 [B, K])`,
+  K = min(max_detections, proposals per tile), top-K by max foreground probability. With `mesh`, the tiles are
+  split over its `data` axis and the variables replicated; without, plain `jax.jit` (one device).
+  """
+  C = int(num_classes)
+
+  def forward(variables, tiles):
+    out = module.apply(variables, ops.normalize_images(tiles), train=False)
+    probs = jax.nn.softmax(out["logits"].astype(jnp.float32), -1)[..., :C]
+    scores = jnp.max(probs, -1)
+    k = min(int(max_detections), scores.shape[1])
+    top, idx = jax.lax.top_k(scores, k)
+    pts = jnp.take_along_axis(out["points"], idx[..., None], 1)
+    cls = jnp.take_along_axis(jnp.argmax(probs, -1), idx, 1)
+    return pts, cls.astype(jnp.int32), top
+
+  if mesh is None:
+    return jax.jit(forward)
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.jit(forward, in_shardings=(repl, data), out_shardings=data)
+
+
+def abstract_forward(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, Any]:
+  """`Predictor`'s jitted forward on abstract sharded arguments (for `muse_jax.tools.aot`; nothing is loaded).
+
+  `config` is a `configs/finetune_ndc.py` config: the model from `config.init`'s model config and `config.head`,
+  tiles of `config.infer.window` px, `config.infer.batch_size` tiles per call split over a data mesh of
+  `devices` (the fine-tuning mesh rule: as many devices as divide the batch), variables replicated.
+
+  Returns:
+    dict(jitted=, args=(variables, tiles), mesh=, global_batch=, images_per_sample=1, description=).
+  """
+  from muse_jax.ndc import train as train_lib  # pylint: disable=import-outside-toplevel
+
+  C = len(config.data.class_names)
+  B = int(config.infer.batch_size)
+  S = int(config.infer.window)
+  model_cfg, module, variables = train_lib.abstract_model(config, C)
+  multiple = math.lcm(head_lib.input_multiple(model_cfg), int(config.head.stride))
+  if S % multiple:
+    raise ValueError(f"config.infer.window: got {S}, expected a multiple of {multiple}")
+  mesh = train_lib.make_mesh(B, int(config.get("num_devices", 0)), devices)
+  jitted = build_forward(module, C, int(config.infer.max_detections), mesh)
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), variables),
+          jax.ShapeDtypeStruct((B, S, S, 3), jnp.uint8, sharding=data))
+  desc = (f"predict {config.variant}: model {model_cfg.name}, {S}px tiles, top-{int(config.infer.max_detections)} "
+          f"proposals per tile; data mesh {mesh.shape['data']} (variables replicated)")
+  return {"jitted": jitted, "args": args, "mesh": mesh, "global_batch": B, "images_per_sample": 1,
+          "description": desc}
+
+
 class Predictor:
   """Batched, jit-compiled NDC inference for tiles and whole images (see the module docstring).
 
@@ -149,12 +206,15 @@ class Predictor:
     score_threshold: minimum max-foreground probability of a kept point.
     nms_radius_um: point-NMS radius in µm.
     max_detections: proposals kept per tile before NMS (top-k on device).
+
+  `mesh` (optional, a 1-D `('data',)` mesh whose size divides `batch_size`): split each batch of tiles over its
+  devices (variables replicated); default: one device.
   """
 
   def __init__(self, model_cfg: Any, head_cfg: Any, variables: dict[str, Any], class_names: Sequence[str],
                mpp: float, *, window: int = 256, overlap: int = 32, batch_size: int = 8,
                score_threshold: float = 0.5, nms_radius_um: float = 3.0, max_detections: int = 4096,
-               mpp_tolerance: float = 0.1):
+               mpp_tolerance: float = 0.1, mesh: jax.sharding.Mesh | None = None):
     self.model_cfg = model_cfg
     self.head_cfg = head_cfg
     self.class_names = [str(c) for c in class_names]
@@ -169,19 +229,7 @@ class Predictor:
     self.score_threshold, self.nms_radius_um = float(score_threshold), float(nms_radius_um)
     self.max_detections, self.mpp_tolerance = int(max_detections), float(mpp_tolerance)
     self.variables = jax.device_put({k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")})
-    module, C = self.module, len(self.class_names)
-
-    def forward(variables, tiles):
-      out = module.apply(variables, ops.normalize_images(tiles), train=False)
-      probs = jax.nn.softmax(out["logits"].astype(jnp.float32), -1)[..., :C]
-      scores = jnp.max(probs, -1)
-      k = min(self.max_detections, scores.shape[1])
-      top, idx = jax.lax.top_k(scores, k)
-      pts = jnp.take_along_axis(out["points"], idx[..., None], 1)
-      cls = jnp.take_along_axis(jnp.argmax(probs, -1), idx, 1)
-      return pts, cls.astype(jnp.int32), top
-
-    self._forward = jax.jit(forward)
+    self._forward = build_forward(self.module, len(self.class_names), self.max_detections, mesh)
 
   # ------------------------------------------------------------------------------------------------ loading
   @classmethod

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -112,18 +112,51 @@ def strong_photometric(key: jax.Array, x: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------------- model
+def model_config_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The backbone's model config named by `config.init` (`random:<variant>` or a backbone directory), without
+  reading any weights."""
+  from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
+
+  src = str(config.init)
+  if src.startswith(backbone_io.RANDOM_PREFIX):
+    from configs import models as model_configs  # pylint: disable=import-outside-toplevel
+
+    return model_configs.get_config(src[len(backbone_io.RANDOM_PREFIX):])
+  return backbone_io.load_model_config(src)
+
+
+def _head_params(config: ml_collections.ConfigDict, model_cfg: Any, module) -> Any:
+  s = 8 * int(config.head.stride)
+  dummy = jnp.zeros((1, s // 4, s // 4, int(model_cfg.map_dim)), jnp.float32)
+  return module.head.init(jax.random.key(int(config.seed) + 1), dummy, s)["params"]
+
+
+def _assemble_variables(bb_vars: Any, head_params: Any) -> dict[str, Any]:
+  params = {"backbone": bb_vars["params"], "head": head_params}
+  batch_stats = {"backbone": bb_vars["batch_stats"]} if bb_vars.get("batch_stats") else {}
+  return {"params": params, "batch_stats": batch_stats}
+
+
 def init_model(config: ml_collections.ConfigDict, num_classes: int):
   """Builds the NDC model and its variables: the backbone from `config.init`, a freshly initialised head."""
   from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
 
   model_cfg, bb_vars = backbone_io.load_backbone(config.init, seed=int(config.seed))
   module = head_lib.build_model(model_cfg, config.head, num_classes)
-  s = 8 * int(config.head.stride)
-  dummy = jnp.zeros((1, s // 4, s // 4, int(model_cfg.map_dim)), jnp.float32)
-  head_vars = module.head.init(jax.random.key(int(config.seed) + 1), dummy, s)
-  params = {"backbone": bb_vars["params"], "head": jax.tree.map(np.asarray, head_vars["params"])}
-  batch_stats = {"backbone": bb_vars["batch_stats"]} if bb_vars.get("batch_stats") else {}
-  return model_cfg, module, {"params": params, "batch_stats": batch_stats}
+  head_params = jax.tree.map(np.asarray, _head_params(config, model_cfg, module))
+  return model_cfg, module, _assemble_variables(bb_vars, head_params)
+
+
+def abstract_model(config: ml_collections.ConfigDict, num_classes: int):
+  """`init_model` without weights: `(model_cfg, module, variables)` with `jax.ShapeDtypeStruct` leaves (backbone
+  shapes from its model config, the head's from `jax.eval_shape` of its init)."""
+  from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
+
+  model_cfg = model_config_for(config)
+  module = head_lib.build_model(model_cfg, config.head, num_classes)
+  bb_vars = dict(backbone_io.abstract_variables(model_cfg))
+  head_params = jax.eval_shape(lambda: _head_params(config, model_cfg, module))
+  return model_cfg, module, _assemble_variables(bb_vars, head_params)
 
 
 def backbone_train_mode(config: ml_collections.ConfigDict) -> bool:
@@ -216,11 +249,84 @@ def make_step_fn(config: ml_collections.ConfigDict, module, tx, num_classes: int
   return step_fn
 
 
-def make_mesh(batch_size: int, num_devices: int = 0) -> Mesh:
-  """1-D data mesh over as many devices as divide `batch_size` (at most `num_devices` when > 0; Auto axes)."""
-  devs = jax.devices()
+def make_mesh(batch_size: int, num_devices: int = 0, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """1-D data mesh over as many devices as divide `batch_size` (at most `num_devices` when > 0; Auto axes).
+
+  `devices` defaults to `jax.devices()`; the AOT tool passes compile-only TPU devices.
+  """
+  devs = list(jax.devices() if devices is None else devices)
   n = math.gcd(len(devs) if num_devices <= 0 else min(num_devices, len(devs)), batch_size)
   return Mesh(np.array(devs[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create_state(tx: optax.GradientTransformation, variables: dict[str, Any]) -> dict[str, Any]:
+  """The train state `{'step', 'params', 'batch_stats', 'opt_state'}` at step 0."""
+  return {"step": jnp.zeros([], jnp.int32), "params": variables["params"], "batch_stats": variables["batch_stats"],
+          "opt_state": tx.init(variables["params"])}
+
+
+def build_step(config: ml_collections.ConfigDict, module, tx: optax.GradientTransformation, num_classes: int,
+               mesh: Mesh) -> dict[str, Any]:
+  """The jitted fine-tuning step on `mesh`: ONE builder for `run` and `abstract_step` (the AOT tool).
+
+  State replicated, batch split over `data`, state donated. Returns a dict with `step_fn` (pure), `jit_step`,
+  `replicated` and `batch_sharding` (NamedShardings) and `mesh`.
+  """
+  repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step_fn = make_step_fn(config, module, tx, num_classes, repl if mesh.devices.size > 1 else None)
+  jit_step = jax.jit(step_fn, in_shardings=(repl, data_sh), out_shardings=(repl, repl), donate_argnums=(0,))
+  return {"step_fn": step_fn, "jit_step": jit_step, "replicated": repl, "batch_sharding": data_sh, "mesh": mesh}
+
+
+def batch_shapes(config: ml_collections.ConfigDict, batch_size: int, max_points: int) -> dict[str, Any]:
+  """Abstract batch of `make_batch` (`lfov.collate`): shapes and dtypes only."""
+  F = field_size(config)
+  return {"images": jax.ShapeDtypeStruct((batch_size, F, F, 3), jnp.uint8),
+          "coords": jax.ShapeDtypeStruct((batch_size, max_points, 2), jnp.float32),
+          "classes": jax.ShapeDtypeStruct((batch_size, max_points), jnp.int32),
+          "mask": jax.ShapeDtypeStruct((batch_size, max_points), jnp.bool_),
+          "region": jax.ShapeDtypeStruct((batch_size, 4), jnp.float32)}
+
+
+ABSTRACT_MAX_POINTS = 512  # GT slots per field for abstract_step when config.train.max_points is 0 (no data read)
+
+
+def check_field(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError when the field side is not a multiple of the backbone's stride and the head's stride."""
+  F = field_size(config)
+  mult = math.lcm(32 if "r50" in config.variant else 16, int(config.head.stride))
+  if F % mult:
+    raise ValueError(f"config.lfov.field: got {F}, expected a multiple of {mult}")
+
+
+def abstract_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, Any]:
+  """The jitted fine-tuning step `run` executes, on abstract sharded arguments (for `muse_jax.tools.aot`).
+
+  Nothing is loaded or read: the backbone's variable shapes come from its model config (`config.init`), the state
+  from `jax.eval_shape`, the batch from `batch_shapes` with `config.train.max_points` GT slots per field
+  (`ABSTRACT_MAX_POINTS` when 0). Mesh rule, step function, shardings and donation are `run`'s (`make_mesh`,
+  `build_step`). The Hungarian matching stays a host callback (`jax.pure_callback`) in the compiled program.
+
+  Returns:
+    dict(jitted=, args=(state, batch), mesh=, global_batch=, images_per_sample=1, description=).
+  """
+  check_field(config)
+  C = len(config.data.class_names)
+  B = int(config.train.batch_size)
+  max_points = max(int(config.train.max_points) or ABSTRACT_MAX_POINTS, 64)
+  model_cfg, module, variables = abstract_model(config, C)
+  tx = build_optimizer(config, variables["params"])
+  state = jax.eval_shape(lambda v: create_state(tx, v), variables)
+  mesh = make_mesh(B, int(config.get("num_devices", 0)), devices)
+  built = build_step(config, module, tx, C, mesh)
+  with_sh = lambda tree, sh: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree)
+  args = (with_sh(state, built["replicated"]), with_sh(batch_shapes(config, B, max_points), built["batch_sharding"]))
+  desc = (f"finetune {config.variant}{',' + config.ablations if config.ablations else ''}: model {model_cfg.name}, "
+          f"{field_size(config)}px fields, {max_points} GT slots, semi={bool(config.semi.enabled)}, Hungarian "
+          f"matching as a host callback; data mesh {mesh.shape['data']} (state replicated)")
+  return {"jitted": built["jit_step"], "args": args, "mesh": mesh, "global_batch": B, "images_per_sample": 1,
+          "description": desc}
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -285,9 +391,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   if bad:
     raise ValueError(f"config.data.class_names has {C} names but samples {bad[:3]} have class ids >= {C}")
   F = field_size(config)
-  mult = math.lcm(32 if "r50" in config.variant else 16, int(config.head.stride))
-  if F % mult:
-    raise ValueError(f"config.lfov.field: got {F}, expected a multiple of {mult}")
+  check_field(config)
   B = int(config.train.batch_size)
   max_points = int(config.train.max_points) or int(64 * math.ceil(max(len(s.coords) for s in train) / 64 + 1e-9))
   max_points = max(max_points, 64)
@@ -297,10 +401,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   context = (context_lib.from_config(config.data, F, [s.name for s in train]) if config.lfov.enabled else None)
   model_cfg, module, variables = init_model(config, C)
   tx = build_optimizer(config, variables["params"])
-  state = {"step": jnp.zeros([], jnp.int32), "params": variables["params"], "batch_stats": variables["batch_stats"],
-           "opt_state": tx.init(variables["params"])}
-  mesh = make_mesh(B, int(config.get('num_devices', 0)))
-  repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state = create_state(tx, variables)
+  mesh = make_mesh(B, int(config.get("num_devices", 0)))
+  built = build_step(config, module, tx, C, mesh)  # the same builder as abstract_step (the AOT tool)
+  repl, data_sh = built["replicated"], built["batch_sharding"]
   state = jax.device_put(state, repl)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.train.keep), async_save=False)
   start = 0
@@ -310,8 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
-  step_fn = jax.jit(make_step_fn(config, module, tx, C, repl if mesh.devices.size > 1 else None), in_shardings=(repl, data_sh), out_shardings=(repl, repl),
-                    donate_argnums=(0,))
+  step_fn = built["jit_step"]
   total = int(config.train.steps)
   log_path = os.path.join(workdir, "metrics.jsonl")
   last: dict[str, Any] = {}
