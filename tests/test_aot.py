@@ -172,3 +172,73 @@ def test_tiny_step_flops_on_tpu_match_cpu():
   assert 1.0 <= tpu.flops / cpu.flops < 1.2, (tpu.flops, cpu.flops)
   # Per-chip memory is small and fits with a large margin.
   assert tpu.total_bytes < 1 * 2**30
+
+
+# ---------------------------------------------------------------------------------------------- NDC steps (finetune,
+# predict): the builders `muse_jax.ndc.train.abstract_step` / `muse_jax.ndc.infer.abstract_forward`.
+
+
+def _rebatch(tree, batch):
+  """The same abstract arguments with leading (batch) dimension `batch`, shardings kept."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype, sharding=x.sharding), tree)
+
+
+def _ndc_specs(devices, per_device_batch=1):
+  cfg = aot.load_config("configs/finetune_ndc.py:tiny", ["train.max_points=64"])
+  return {"finetune": aot.finetune_spec(cfg, devices, per_device_batch),
+          "predict": aot.predict_spec(cfg, devices, per_device_batch)}
+
+
+def test_ndc_steps_compile_on_a_cpu_mesh():
+  """The tiny fine-tuning step (with its Hungarian host callback) and the inference forward compile for a 4-device
+  mesh; batch fields and meshes follow the trainer's and the Predictor's rules."""
+  devices = jax.devices()[:4]
+  specs = _ndc_specs(devices, per_device_batch=2)
+  ft, pr = specs["finetune"], specs["predict"]
+  assert ft.global_batch == 8 and dict(ft.mesh.shape) == {"data": 4} and ft.per_device_batch == 2
+  assert pr.global_batch == 8 and dict(pr.mesh.shape) == {"data": 4}
+  state, batch = ft.args
+  assert batch["images"].shape == (8, 256, 256, 3) and batch["coords"].shape == (8, 64, 2)
+  assert batch["images"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert state["step"].sharding.spec == jax.sharding.PartitionSpec()
+  assert pr.args[1].shape == (8, 256, 256, 3)
+  for spec in (ft, pr):
+    _, res = aot.compile_spec(spec)
+    assert res.flops > 1e8 and 0 < res.total_bytes < 2**30, (spec.name, res)
+  # The fine-tuning step donates its state: outputs alias the state buffers.
+  assert aot.compile_spec(ft)[1].alias_bytes > 0
+  # The trainer's mesh rule: a batch of 6 on 4 devices runs on a data mesh of 2 (the devices that divide it).
+  cfg = aot.load_config("configs/finetune_ndc.py:tiny", ["train.batch_size=6"])
+  from muse_jax.ndc import train as ndc_train  # pylint: disable=import-outside-toplevel
+  assert dict(ndc_train.abstract_step(cfg, devices)["mesh"].shape) == {"data": 2}
+
+
+def test_ndc_wrong_sharding_fails_with_a_clear_message():
+  """A batch of 6 forced onto the 4-device batch sharding fails before anything runs, naming the shapes."""
+  for name, spec in _ndc_specs(jax.devices()[:4]).items():
+    args = (spec.args[0], _rebatch(spec.args[1], 6))
+    bad = aot.StepSpec(name, spec.jitted, args, spec.mesh, 6, 1, spec.description)
+    with pytest.raises(aot.AotError, match=r"(?s)global batch 6.*does not divide its shape \(args\[1\].*\(6, "
+                       r".*partitioned 4 times, but the dimension size is 6"):
+      aot.compile_spec(bad)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_ndc_steps_compile_for_tpu_with_the_matching_callback():
+  """Both NDC steps compile for v5p:2x2x1. The Hungarian matching (`jax.pure_callback`) lowers for TPU to
+  device-to-host `send`s of its 6 inputs and one host-to-device `recv` of the assignment (the host-callback
+  mechanism TPUs run), so the compiled program includes it; the wrong-sharding check holds on TPU too."""
+  import re  # pylint: disable=import-outside-toplevel
+  devices = aot.topology_devices("v5p:2x2x1")
+  specs = _ndc_specs(devices)
+  text = specs["finetune"].jitted.lower(*specs["finetune"].args).as_text()
+  assert len(re.findall(r"stablehlo\.send", text)) == 6 and len(re.findall(r"stablehlo\.recv", text)) == 1
+  for spec in specs.values():
+    _, res = aot.compile_spec(spec)
+    assert res.flops > 1e8 and res.total_bytes < 2**30 and aot.fits(res, tpu_chips.CHIPS["v5p"])
+    assert res.optimal_seconds and res.optimal_seconds > 0  # libtpu's cost model ran
+  spec = specs["predict"]
+  bad = aot.StepSpec("predict", spec.jitted, (spec.args[0], _rebatch(spec.args[1], 6)), spec.mesh, 6, 1, "")
+  with pytest.raises(aot.AotError, match=r"(?s)global batch 6.*does not divide"):
+    aot.compile_spec(bad)

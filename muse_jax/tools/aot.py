@@ -241,19 +241,21 @@ def _ndc_spec(name, fn_name, module_name, config, devices, per_device_batch) -> 
   config = copy.deepcopy(config)
   if per_device_batch is not None:
     with config.unlocked():
-      _set_ndc_batch(config, int(per_device_batch) * len(devices))
+      _set_ndc_batch(config, int(per_device_batch) * len(devices), name)
   out = fn(config, list(devices))
   return StepSpec(name, out["jitted"], tuple(out["args"]), out["mesh"], int(out["global_batch"]),
                   int(out.get("images_per_sample", 1)), out.get("description", f"{name} {config.get('variant', '')}"))
 
 
-def _set_ndc_batch(config: ml_collections.ConfigDict, global_batch: int) -> None:
-  for path in ("train.batch_size", "batch_size", "infer.batch_size"):
+def _set_ndc_batch(config: ml_collections.ConfigDict, global_batch: int, step: str = "finetune") -> None:
+  """Sets the batch the step compiles with: `train.batch_size` (finetune) or `infer.batch_size` (predict)."""
+  paths = ("infer.batch_size",) if step == "predict" else ("train.batch_size", "batch_size")
+  for path in paths:
     node, parts = config, path.split(".")
     if all(p in node and (node := node[p]) is not None for p in parts[:-1]) and parts[-1] in node:
       node[parts[-1]] = global_batch
       return
-  raise AotError("cannot find the batch-size field (train.batch_size / batch_size) in the fine-tuning config")
+  raise AotError(f"--step {step}: cannot find the batch-size field ({' / '.join(paths)}) in the config")
 
 
 BUILDERS: dict[str, Callable[..., StepSpec]] = {
@@ -287,6 +289,20 @@ class CompileResult:
 _SHARD_MSG = re.compile(r"divisible|evenly divide|is partitioned", re.I)
 
 
+def _undivided_args(args: Any) -> list[str]:
+  """`args[i][key]... shape` of every abstract argument whose sharding does not divide its shape."""
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(args)[0]:
+    sh = getattr(x, "sharding", None)
+    if sh is None or not hasattr(sh, "shard_shape"):
+      continue
+    try:
+      sh.shard_shape(x.shape)
+    except ValueError:
+      out.append(f"args{jax.tree_util.keystr(path)} {tuple(x.shape)}")
+  return out
+
+
 def compile_spec(spec: StepSpec) -> tuple[Any, CompileResult]:
   """Lowers and compiles `spec`; returns `(compiled, CompileResult)`.
 
@@ -300,8 +316,11 @@ def compile_spec(spec: StepSpec) -> tuple[Any, CompileResult]:
     compiled = spec.jitted.lower(*spec.args).compile()
   except ValueError as e:
     if _SHARD_MSG.search(str(e)):
+      bad = _undivided_args(spec.args)
       raise AotError(f"{spec.name} step, mesh {dict(spec.mesh.shape)} ({spec.num_devices} devices), global batch "
-                     f"{spec.global_batch}: an argument's sharding does not divide its shape: {e}") from e
+                     f"{spec.global_batch}: an argument's sharding does not divide its shape"
+                     f"{' (' + ', '.join(bad[:4]) + (', ...' if len(bad) > 4 else '') + ')' if bad else ''}: {e}"
+                     ) from e
     raise
   except Exception as e:  # jax.errors.JaxRuntimeError
     if "RESOURCE_EXHAUSTED" in str(e):
@@ -334,7 +353,7 @@ def roofline(res: CompileResult, chip: tpu_chips.TpuChip, global_batch: int) -> 
   t_c = res.flops / chip.peak_bf16_flops
   t_m = res.bytes_accessed / chip.hbm_bandwidth
   t = max(t_c, t_m)
-  t_l = res.optimal_seconds if res.optimal_seconds else float("nan")
+  t_l = res.optimal_seconds if res.optimal_seconds and res.optimal_seconds > 0 else float("nan")  # CPU: -1
   return {"t_compute": t_c, "t_memory": t_m, "step_time": t, "bound": "compute" if t_c >= t_m else "memory",
           "images_per_s": global_batch / t if t > 0 else float("nan"), "t_libtpu": t_l,
           "images_per_s_libtpu": global_batch / t_l if t_l == t_l and t_l > 0 else float("nan")}
