@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import pathlib
 import statistics
 import time
 
@@ -124,7 +126,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--sampler_repeats", type=int, default=5)
   parser.add_argument("--skip_sampler", action="store_true")
+  parser.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   args = parser.parse_args()
+  backbone_rows, sampler_rows = [], []
 
   print(f"jax {jax.__version__}, devices {jax.devices()}, cpu count {os.cpu_count()}, "
         f"load average at start {os.getloadavg()[0]:.1f} (shared machine: figures are indicative)")
@@ -141,6 +145,11 @@ def main() -> None:
     spd = f"{ref[0] / t_f:.2f}x / {ref[1] / t_fb:.2f}x" if ref else "-"
     c_f, c_fb = CPU_SECONDS[f"{variant} fwd"], CPU_SECONDS[f"{variant} fwd+bwd"]
     print(f"| {variant} | {t_f:.3f} ({c_f:.3f}) | {t_fb:.3f} ({c_fb:.3f}) | {ref_s} | {spd} |", flush=True)
+    backbone_rows.append(dict(model=variant, forward_wall_s=t_f, forward_cpu_s=c_f, fwd_bwd_wall_s=t_fb,
+                              fwd_bwd_cpu_s=c_fb, torch_ref_forward_s=ref[0] if ref else None,
+                              torch_ref_fwd_bwd_s=ref[1] if ref else None,
+                              speedup_vs_torch_forward=ref[0] / t_f if ref else None,
+                              speedup_vs_torch_fwd_bwd=ref[1] / t_fb if ref else None))
 
   if not args.skip_sampler:
     b, n, c = 32, 300, 384
@@ -156,6 +165,18 @@ def main() -> None:
       c_f, c_fb = CPU_SECONDS[f"{name} fwd"], CPU_SECONDS[f"{name} fwd+bwd"]
       print(f"| {name} | {1e3 * t_f:.1f} ({1e3 * c_f:.1f}) | {1e3 * t_fb:.1f} ({1e3 * c_fb:.1f}) | "
             f"{t_f / base_f:.1f}x ({c_f / cb_f:.1f}x) / {t_fb / base_fb:.1f}x ({c_fb / cb_fb:.1f}x) |")
+      sampler_rows.append(dict(method=name, b=b, n=n, c=c, forward_wall_ms=1e3 * t_f, forward_cpu_ms=1e3 * c_f,
+                               fwd_bwd_wall_ms=1e3 * t_fb, fwd_bwd_cpu_ms=1e3 * c_fb,
+                               vectorised_speedup_forward_wall=t_f / base_f,
+                               vectorised_speedup_fwd_bwd_wall=t_fb / base_fb,
+                               vectorised_speedup_forward_cpu=c_f / cb_f,
+                               vectorised_speedup_fwd_bwd_cpu=c_fb / cb_fb))
+
+  if args.json:
+    params = {k: v for k, v in vars(args).items() if k != "json"}
+    pathlib.Path(args.json).write_text(json.dumps(dict(
+        benchmark="bench_backbone", params=params, devices=[str(d) for d in jax.devices()],
+        tables=dict(backbones=backbone_rows, sampler=sampler_rows)), indent=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ Reports:
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import statistics
 import sys
 import time
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
   p.add_argument('--model', default='vit_s16')
   p.add_argument('--dtype', default=None, help='model compute dtype override (e.g. bfloat16)')
   p.add_argument('--skip_model', action='store_true')
+  p.add_argument('--json', default=None, help='also write the measured rows and parameters to this JSON file')
   a = p.parse_args(argv)
 
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -151,15 +154,30 @@ def main(argv=None) -> int:
           f'{consumer:.2f} | 1.0x |')
     print(f'\nbest pipeline / consumer = {best / consumer:.1f}x (target >= 2x)')
 
+  out = dict(benchmark='bench_data', params={k: v for k, v in vars(a).items() if k != 'json'},
+             source=cfg.source, regions=len(source),
+             recipe=dict(n_global=cfg.n_global, global_size=cfg.global_size, n_local=cfg.n_local,
+                         local_size=cfg.local_size, mpp_dist=cfg.mpp_dist, mpp_range=list(cfg.mpp_range)),
+             tables=dict(throughput=[dict(what=name, regions_per_s=r,
+                                          ratio_to_consumer=r / consumer if consumer else None) for name, r in rows]))
+  if consumer:
+    out['tables']['throughput'].append(dict(
+        what=f'{a.model} ({a.dtype or "float32"}) student fwd+bwd (2 global + 8 local) + teacher fwd (2 global), '
+             f'batch {a.model_batch or a.batch_size}', regions_per_s=consumer, ratio_to_consumer=1.0, consumer=True))
   best_s, pair_s, nl, ng = _shared(source, cfg, 64)
+  out['tables']['shared_nuclei'] = [dict(regions=64, shared_local_best_global=best_s, shared_any_pair=pair_s,
+                                         nuclei_per_local_view=nl, nuclei_per_global_view=ng)]
   print(f'\nshared nuclei (default recipe, 64 regions): local view & its best global view {best_s:.1f}; '
         f'any (global, local) pair {pair_s:.1f}; nuclei per local view {nl:.1f}, per global view {ng:.1f}')
   if a.data:
     pr, rc, f1, n = _detector_f1(a.data)
     print(f'classical detector on BRCA-M2C test ({n} tiles), 3 µm radius: precision {pr:.3f} recall {rc:.3f} '
           f'F1 {f1:.3f}')
+    out['tables']['detector'] = [dict(split='test', tiles=n, radius_um=3.0, precision=pr, recall=rc, f1=f1)]
   import os  # pylint: disable=g-import-not-at-top
   print(f'\nmachine: {os.cpu_count()} CPUs')
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(out, indent=1))
   print('\ncommand: python experiments/bench_data.py ' + ' '.join(sys.argv[1:] if argv is None else argv))
   return 0
 

@@ -14,6 +14,8 @@ Prints a table (median of `--repeats`) and the command.
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import statistics
 import sys
 import time
@@ -52,7 +54,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--tiles", type=int, default=20)
   p.add_argument("--skip_vit", action="store_true")
+  p.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   a = p.parse_args(argv)
+  records = []  # machine-readable twin of `rows`
   import jax
   from muse_jax import backbone_io
   from muse_jax.data import eval_tiles, load_labelled
@@ -71,6 +75,8 @@ def main(argv=None):
     base_rate = base_rate or rate
     rows.append((f"features {variant} 224px, batch 10", f"{dt:.3f} s / {len(tiles)} tiles",
                  f"{len(tiles) / dt:.1f} tiles/s, {rate:.0f} nuclei/s", f"{rate / base_rate:.3f}x tiny"))
+    records.append(dict(step="features", variant=variant, size_px=224, batch=10, tiles=len(tiles), nuclei=n_nuclei,
+                        seconds=dt, tiles_per_s=len(tiles) / dt, nuclei_per_s=rate, ratio_vs_tiny=rate / base_rate))
 
   rng = np.random.default_rng(0)
   tr = rng.normal(size=(18600, 384)).astype(np.float32)
@@ -84,6 +90,8 @@ def main(argv=None):
   agree = min(float(np.mean(ours[k] == base[k])) for k in knn.KS)
   rows.append(("kNN 18,600 x 8,900 x 384 (synthetic), 5 k", f"{t_ours:.2f} s", f"{8900 / t_ours:.0f} queries/s",
                f"{t_base / t_ours:.2f}x faster than full sort ({t_base:.2f} s); agreement {agree:.4f}"))
+  records.append(dict(step="knn", train=18600, query=8900, dim=384, seconds=t_ours, queries_per_s=8900 / t_ours,
+                      baseline_full_sort_seconds=t_base, speedup_vs_full_sort=t_base / t_ours, agreement=agree))
 
   t0 = time.perf_counter()
   linear.linear_probe(tr, tr_y, te[:3000], te_y[:3000], te, te_y, 3, epochs=100)
@@ -92,6 +100,8 @@ def main(argv=None):
                        a.repeats)
   rows.append(("linear probe 18,600 x 384, 100 epochs (synthetic)", f"{t_lin:.2f} s",
                f"{100 * (18600 // 256) / t_lin:.0f} steps/s", f"first call incl. compile {first:.2f} s"))
+  records.append(dict(step="linear_probe", train=18600, dim=384, epochs=100, seconds=t_lin,
+                      steps_per_s=100 * (18600 // 256) / t_lin, first_call_seconds=first))
 
   print(f"devices: {jax.devices()}; {n_nuclei} labelled nuclei in {len(tiles)} tiles")
   print("| step | median time | rate | note |")
@@ -99,6 +109,10 @@ def main(argv=None):
   for r in rows:
     print("| " + " | ".join(r) + " |")
   print("\ncommand: .venv/bin/python experiments/bench_eval.py " + " ".join(sys.argv[1:] if argv is None else argv))
+  if a.json:
+    pathlib.Path(a.json).write_text(json.dumps(dict(
+        benchmark="bench_eval", params={k: v for k, v in vars(a).items() if k != "json"},
+        devices=[str(d) for d in jax.devices()], tables=dict(eval=records)), indent=1))
 
 
 if __name__ == "__main__":

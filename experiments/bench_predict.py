@@ -15,6 +15,8 @@ nuclei count of a 256 µm window) and NMSed. Warm-up call first (compile), then 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import statistics
 import time
 
@@ -61,6 +63,7 @@ def main() -> None:
   ap.add_argument("--image", type=int, default=1024, help="side of the predict_image test image (px)")
   ap.add_argument("--window", type=int, default=None, help="override the configured window")
   ap.add_argument("--batch", type=int, default=None, help="override the configured batch")
+  ap.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   args = ap.parse_args()
   rng = np.random.default_rng(0)
   rows = []
@@ -88,6 +91,12 @@ def main() -> None:
           f"{r['tiles_per_s'] / base['tiles_per_s']:.3f} |")
   print("\ncommand: PYTHONPATH=. .venv/bin/python experiments/bench_predict.py "
         f"--variants {args.variants} --repeats {args.repeats} --image {args.image}")
+  if args.json:
+    for r in rows:
+      r["tiles_per_s_vs_first"] = r["tiles_per_s"] / base["tiles_per_s"]
+    pathlib.Path(args.json).write_text(json.dumps(dict(
+        benchmark="bench_predict", params={k: v for k, v in vars(args).items() if k != "json"}, mpp=0.5,
+        device=f"{jax.devices()[0].device_kind} x{len(jax.devices())}", tables=dict(predict=rows)), indent=1))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--readers", type=int, default=4)
   p.add_argument("--workdir", default=str(ROOT / "experiments" / "out" / "bench_slide"))
+  p.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--model", help=argparse.SUPPRESS)
   p.add_argument("--slide", help=argparse.SUPPRESS)
@@ -123,6 +124,16 @@ def main() -> None:
           f"{r['infer_seconds']:.1f} | {r['tiles_per_s']:.1f} | {ratio:.2f} | {r['s_per_mm2']:.2f} | "
           f"{r['peak_rss_mb']:.0f} |")
   (work / "results.json").write_text(json.dumps(rows, indent=1))
+  if args.json:
+    failed = [dict(model=m, size=z) for m in args.models for z in args.sizes
+              if not (m == "vit_s16" and z > args.vit_max_size)
+              and not any(r["model"] == m and r["size"] == z for r in rows)]
+    out = [dict(r, wall_s=r["seconds"], model_s=r["infer_seconds"],
+                tiles_per_s_vs_dots=r["tiles_per_s"] / base[r["size"]] if r["size"] in base else None) for r in rows]
+    params = {k: v for k, v in vars(args).items()
+              if k in ("sizes", "models", "vit_max_size", "window", "overlap", "batch", "readers")}
+    pathlib.Path(args.json).write_text(json.dumps(dict(
+        benchmark="bench_slide", params=params, mpp=0.5, tables=dict(slide=out), failed=failed), indent=1))
   print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, ROOT)] + sys.argv)}  (cwd {ROOT.name}/)")
 
 

@@ -17,6 +17,8 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import statistics
 import time
 
@@ -150,7 +152,9 @@ def main(argv=None) -> None:
   p.add_argument("--configs", default="tiny,vit_s16")
   p.add_argument("--vit_batch", type=int, default=2)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   args = p.parse_args(argv)
+  records = []
   peak = matmul_peak()
   dev = jax.devices()[0]
   print(f"\ndevice: {dev.platform} ({dev.device_kind}); matmul peak (2048^3 f32, same run): {peak / 1e9:.1f} GFLOP/s")
@@ -162,8 +166,16 @@ def main(argv=None) -> None:
       print(f"| {r['config']} | {r['part']} | {r['batch']} | {r['views']} | {r['seconds']:.4f} | "
             f"{r['images_per_s']:.2f} | {r['flops'] / 1e9:.2f} | {fps / 1e9:.1f} | {100 * fps / peak:.1f}% |",
             flush=True)
+      records.append(dict(config=r["config"], part=r["part"], batch=r["batch"], views=r["views"],
+                          seconds=r["seconds"], images_per_s=r["images_per_s"], gflop=r["flops"] / 1e9,
+                          gflop_per_s=fps / 1e9, pct_of_matmul_peak=100 * fps / peak))
   print(f"\ncommand: python -m experiments.bench_train --configs {args.configs} --vit_batch {args.vit_batch} "
         f"--repeats {args.repeats}")
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(dict(
+        benchmark="bench_train", params={k: v for k, v in vars(args).items() if k != "json"},
+        device=f"{dev.platform} ({dev.device_kind})", matmul_peak_gflop_per_s=peak / 1e9,
+        tables=dict(train=records)), indent=1))
 
 
 if __name__ == "__main__":
