@@ -79,6 +79,29 @@ def test_find_max_batch_uses_the_memory_line_to_save_compiles():
   assert len(calls) <= 12
 
 
+def test_find_max_batch_from_one_compile_and_known_probes():
+  """One fitting compile predicts the next probe (temporaries per sample); earlier compiles are reused."""
+  cap = 300_000
+  calls = []
+
+  def try_batch(b):  # 5000 fixed argument bytes; temporaries 2000 + 1000 b; fits while the total is <= cap
+    calls.append(b)
+    r = aot.CompileResult(5000, 0, 0, 2000 + 1000 * b, 0, 0.0, 0.0, 0.0, None, 0.0)
+    return r if r.total_bytes <= cap else None
+  best, _, probes = aot.find_max_batch(try_batch, start=8, capacity=cap, one_point=True)
+  # 8 -> one-point line: 8 * (300000 - 5000) / 10000 = 236 (low, as documented) -> two-point line: 293 -> 294.
+  assert best == 293 and calls == [8, 236, 293, 294] and aot._bracketed(probes, best, 1)  # pylint: disable=protected-access
+  calls.clear()
+  known = {8: try_batch(8), 236: try_batch(236)}
+  calls.clear()
+  best, _, _ = aot.find_max_batch(try_batch, start=8, capacity=cap, known=known)
+  assert best == 293 and calls == [293, 294]
+  known = {8: known[8], 293: try_batch(293), 294: try_batch(294)}
+  calls.clear()
+  best, _, _ = aot.find_max_batch(try_batch, start=8, capacity=cap, known=known)
+  assert best == 293 and calls == []  # already bracketed: nothing to compile
+
+
 def test_core_package_does_not_load_libtpu():
   """No module but the aot tool mentions libtpu, and using the core (CPU) never loads the libtpu shared library.
 
@@ -242,3 +265,33 @@ def test_ndc_steps_compile_for_tpu_with_the_matching_callback():
   bad = aot.StepSpec("predict", spec.jitted, (spec.args[0], _rebatch(spec.args[1], 6)), spec.mesh, 6, 1, "")
   with pytest.raises(aot.AotError, match=r"(?s)global batch 6.*does not divide"):
     aot.compile_spec(bad)
+
+
+def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
+  """`experiments/aot_table.py`: a report's `json:` line (and an older text-only report) become result records; the
+  table bolds a batch only when a compile one step above did not fit, and says "not compiled" for empty cells."""
+  from experiments import aot_table  # pylint: disable=import-outside-toplevel
+  chip = tpu_chips.CHIPS["v5p"]
+  res = aot.CompileResult(2**30, 0, 0, 3 * 2**30, 2**20, 1e12, 1e11, 0.0, 0.05, 1.0)
+  rep = {"description": "pretrain vit_s16: ...", "topology": "v5p:2x2x1", "chip": chip, "num_chips": 4,
+         "step": "pretrain", "variant": "vit_s16", "mesh": {"data": 4, "fsdp": 1}, "per_device_batch": 32,
+         "global_batch": 128, "images_per_sample": 10, "result": res, "fits": True,
+         "roofline": aot.roofline(res, chip, 128)}
+  text = aot.format_report(rep)
+  rec = aot_table.parse_report(text)
+  assert rec["batch"] == 32 and rec["total_bytes"] == res.total_bytes and rec["variant"] == "vit_s16"
+  old = aot_table.parse_report(text.rsplit("\njson:", 1)[0])  # a report without the json line: rounded text
+  assert old["batch"] == 32 and abs(old["total_bytes"] - res.total_bytes) < 0.02 * 2**30 and old["rounded"]
+  log = tmp_path / "r.log"
+  log.write_text(text)
+  results = str(tmp_path / "res.jsonl")
+  aot_table.ingest([str(log)], results)
+  aot_table.ingest([str(log)], results)  # once per file
+  recs = aot_table.load_results(results)
+  assert len(recs) == 1 and recs[0]["fits"] and recs[0]["cell"] == "pretrain|vit_s16|v5p:2x2x1|fsdp1"
+  md = aot_table.render(recs, ["vit_s16"], ["v5p:2x2x1", "v5p:2x2x4"], "pretrain", 1, 8, "cmd", "time budget")
+  assert "| >= 32 |" in md and "an estimate, not compiled" in md and "not compiled (time budget)" in md
+  assert "**" not in md  # nothing is bracketed by compiles yet
+  recs.append(dict(recs[0], batch=40, fits=False))
+  md = aot_table.render(recs, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
+  assert "| **32** |" in md and "compiled: 32 fits, 40 does not" in md

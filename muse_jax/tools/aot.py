@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -375,7 +376,9 @@ class SearchStep:
 
 def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: int = 8, granularity: int = 1,
                    max_batch: int = 1 << 16, max_compiles: int = 12, capacity: int | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[int, CompileResult | None, list[SearchStep]]:
+                   log: Callable[[str], None] | None = None,
+                   known: dict[int, CompileResult | None] | None = None,
+                   one_point: bool = False) -> tuple[int, CompileResult | None, list[SearchStep]]:
   """Largest per-device batch `b` (a multiple of `granularity`) for which `try_batch(b)` returns a result.
 
   `try_batch(b)` compiles the step at per-device batch `b` and returns its `CompileResult` when it fits, `None`
@@ -385,6 +388,11 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
   capacity (then the batch just above it, to close the bracket); otherwise bisection. Every answer is a compiled probe, never the
   extrapolation itself. The search stops early (returning the best verified batch) after `max_compiles` compiles.
 
+  `known` seeds the search with earlier compiles (`{batch: result or None}`, e.g. from a results file), which are
+  not compiled again. `one_point=True` (with `capacity`) predicts from a single fitting probe: the line through
+  (0, batch-independent bytes) and (b, total), i.e. temporaries / b per sample, which overestimates the slope when
+  temporaries have a positive fixed part (so the prediction errs low and the next probe closes the bracket).
+
   Returns:
     `(best_batch, its CompileResult, probes)`; best_batch is 0 when even `granularity` does not fit.
   """
@@ -392,13 +400,22 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
   start = max(g, (int(start) // g) * g)
   max_batch = max(g, (int(max_batch) // g) * g)
   probes: list[SearchStep] = []
-  cache: dict[int, CompileResult | None] = {}
-  lo, hi = 0, None  # lo: largest verified fit (0 = none); hi: smallest verified non-fit (None = none yet)
+  cache: dict[int, CompileResult | None] = dict(known or {})
+  fitting = [b for b, r in cache.items() if r is not None]
+  failing = [b for b, r in cache.items() if r is None]
+  lo = max(fitting, default=0)  # largest verified fit (0 = none)
+  hi = min((b for b in failing if b > lo), default=None)  # smallest verified non-fit above it (None = none yet)
 
   def predicted() -> int | None:
     pts = sorted((b, r.total_bytes) for b, r in cache.items() if r is not None)
-    if capacity is None or len(pts) < 2:
+    if capacity is None or not pts:
       return None
+    if len(pts) == 1:
+      if not one_point:
+        return None
+      b, r = pts[0][0], cache[pts[0][0]]
+      fixed = r.total_bytes - r.temp_bytes
+      return int((b * (capacity - fixed) / r.temp_bytes) // g) * g if r.temp_bytes > 0 else None
     (b1, m1), (b2, m2) = pts[-2], pts[-1]
     slope = (m2 - m1) / (b2 - b1)
     if slope <= 0:
@@ -406,7 +423,7 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
     return int((b2 + (capacity - m2) / slope) // g) * g
 
   def candidate() -> int | None:
-    if lo == 0 and hi is None:
+    if lo == 0 and hi is None and not cache:
       return start
     if hi is not None and hi - lo <= g:
       return None
@@ -504,7 +521,8 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
   devs = list(devices) if devices is not None else topology_devices(topology)
   build = BUILDERS[step]
   n = len(devs)
-  report: dict[str, Any] = {"topology": topology, "chip": chip, "num_chips": n, "step": step}
+  report: dict[str, Any] = {"topology": topology, "chip": chip, "num_chips": n, "step": step,
+                            "variant": str(config.get("variant", "?"))}
   spec = build(config, devs, per_device_batch)
   report["description"] = spec.description
   report["mesh"] = dict(spec.mesh.shape)
@@ -588,7 +606,20 @@ def format_report(r: dict[str, Any]) -> str:
                    f"<= {rf['images_per_s']:.0f} samples/s (libtpu model {rf['images_per_s_libtpu']:.0f})")
   lines.append(f"chip numbers: {chip.note} ({chip.source}); roofline numbers are upper bounds (float32 matmuls "
                "run below the bf16 peak)")
+  lines.append("json: " + json.dumps(report_json(r), sort_keys=True))
   return "\n".join(lines)
+
+
+def report_json(r: dict[str, Any]) -> dict[str, Any]:
+  """The machine-readable part of a report (the `json:` line of `format_report`; `experiments/aot_table.py
+  --ingest` reads it): step, topology, mesh, batches, fits, and every `CompileResult` field of the main compile."""
+  out = {k: r.get(k) for k in ("step", "variant", "topology", "mesh", "per_device_batch", "global_batch", "fits")}
+  res = r.get("result")
+  out["result"] = dataclasses.asdict(res) | {"total_bytes": res.total_bytes} if res is not None else None
+  if "max_batch" in r:
+    out["max_batch"] = r["max_batch"]
+    out["search"] = [dataclasses.asdict(p) for p in r["search"]]
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
