@@ -50,7 +50,8 @@ SEEDS = (0, 1, 2)
 REGION_SIZE = 512
 REGION_MIN_TISSUE = 0.5
 EVAL_MPP, EVAL_SIZE = 0.5, 224
-NDC_STEPS = 150
+NDC_STEPS = 250
+NDC_CONFIG = "configs/finetune_ndc.py:tiny,no_semi"  # supervised only: the semi-supervised teacher did not fit the CPU budget
 STAGES = ("slide", "pretrain", "eval", "ndc", "report")
 # (table key, JSON path inside a run's gathered numbers, header)
 EVAL_METRICS = (("knn_best_acc", "kNN acc (best k on test)"), ("knn_val_acc", "kNN acc (k on val)"),
@@ -94,12 +95,13 @@ def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: 
                  steps: int = NDC_STEPS) -> list[list[str]]:
   """Fine-tune, predict the test tiles, score (mcspatnet + muse rules)."""
   wd = root / "ndc" / run_name(method, seed)
-  init = f"random:tiny" if method == "random" else backbone_of(root, method, seed)
+  init = "random:tiny" if method == "random" else backbone_of(root, method, seed)
   test_names = (pathlib.Path(brca) / "brca_ds_test.txt").read_text().split()
   inputs = [str(pathlib.Path(brca) / "images" / n) for n in test_names]
-  ft = [python, "-m", "muse_jax.finetune", "--config", "configs/finetune_ndc.py:tiny", "--init", init,
+  ft = [python, "-m", "muse_jax.finetune", "--config", NDC_CONFIG, "--init", init,
         "--workdir", str(wd / "train"), f"--config.seed={seed}", f"--config.data.dir={brca}",
-        f"--config.train.steps={steps}", "--config.train.progress=False", f"--config.train.ckpt_every={steps}"]
+        f"--config.train.steps={steps}", "--config.train.progress=False", f"--config.train.ckpt_every={steps}",
+        "--config.train.log_every=25", "--config.train.eval_every=50", "--config.eval.max_images=3"]
   pred = [python, "-m", "muse_jax.predict", "--checkpoint", str(wd / "train" / "export"), "--inputs", *inputs,
           "--mpp", "0.5", "--out", str(wd / "test_pred"), "--no-overlay"]
   score = [python, "-m", "muse_jax.score", "--predictions", str(wd / "test_pred"), "--labels", brca,
@@ -351,7 +353,11 @@ def gather(root: pathlib.Path, methods: Sequence[str] = METHODS, seeds: Sequence
           rec["final_loss"] = curve[-1]["loss"]
           rec["steps_per_s"] = curve[-1].get("steps_per_s")
       runs[name] = rec
-  return {"runs": runs, "curves": curves}
+  heads = {}
+  for cfg in sorted((root / "pretrain").glob("*/config.json")) if (root / "pretrain").is_dir() else []:
+    heads = json.loads(cfg.read_text()).get("heads", {})
+    break
+  return {"runs": runs, "curves": curves, "heads": heads}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -435,11 +441,15 @@ def plot_figures(data: dict, fig_dir: pathlib.Path, methods: Sequence[str] = MET
         if m in ("muse", "muse_fixed"):
           ax.plot(steps, [x["loss_image"] for x in c], ls=":", lw=0.8, color=ax.lines[-1].get_color())
           ax.plot(steps, [x["loss_nu"] for x in c], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+      heads = data.get("heads") or {}
+      for key, on in (("cls_out_dim", m != "nulo"), ("nu_out_dim", m not in ("dino",))):
+        if on and heads.get(key):  # cross-entropy of a uniform teacher/student: ln K
+          ax.axhline(math.log(heads[key]), color="grey", lw=0.6, ls="-.")
       ax.set_title(METHOD_LABELS[m], fontsize=8)
       ax.set_xlabel("step", fontsize=8)
       ax.tick_params(labelsize=7)
       ax.legend(fontsize=6)
-    axes[0].set_ylabel("loss (MUSE: total; dotted image, dashed nucleus)", fontsize=6)
+    axes[0].set_ylabel("loss (MUSE: total; dotted image, dashed nucleus;\ngrey: ln K, uniform)", fontsize=6)
     fig.tight_layout()
     p = fig_dir / "study_loss_curves.png"
     fig.savefig(p, dpi=90)
@@ -456,15 +466,17 @@ def plot_figures(data: dict, fig_dir: pathlib.Path, methods: Sequence[str] = MET
         vals = [r[k] for r in rs if r.get(k) is not None]
         if not vals:
           continue
-        mu = sum(vals) / len(vals)
+        mu, sd, _ = mean_std(vals)
         x = i + (j - (len(methods) - 1) / 2) * width
-        ax.bar(x, mu, width, color=f"C{j}", label=METHOD_LABELS[m] if i == 0 else None, alpha=0.8)
-        ax.scatter([x] * len(vals), vals, s=6, color="k", zorder=3)
+        ax.errorbar([x], [mu], yerr=[sd], fmt="o", ms=4, color=f"C{j}", capsize=2,
+                    label=METHOD_LABELS[m] if i == 0 else None)
+        ax.scatter([x] * len(vals), vals, s=5, color="k", zorder=3)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([h for _, h in metrics], fontsize=6, rotation=15)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(title + "; bars = mean, dots = seeds", fontsize=8)
-    ax.legend(fontsize=6, ncol=len(methods), loc="lower center")
+    ax.set_title(title + "; mean ± std over seeds, dots = seeds", fontsize=8)
+    ax.grid(axis="y", lw=0.3)
+    ax.legend(fontsize=6, ncol=len(methods), loc="upper center", bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()
     p = fig_dir / fname
     fig.savefig(p, dpi=90)
