@@ -339,6 +339,10 @@ def render_markdown(data: dict) -> str:
               f"{' / '.join(fmt(x) for x in run['load_after'])}"]
     if run.get("note"):
       lines.append(f"- note: {run['note']}")
+    if run["profile"] != "full":
+      lines.append(f"- profile `{run['profile']}`: smaller sizes and mostly 1 timed repeat per measurement (see each "
+                   "command), so one disturbed call passes straight into the figure; the `full` profile takes medians "
+                   "of each benchmark's default repeats")
     lines.append("")
   lines += ["## Summary", "",
             "One row per measurement that matters. ratio = figure / baseline (same unit), with which way it goes; "
