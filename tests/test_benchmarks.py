@@ -1,9 +1,11 @@
 """Tests for the pure parts of `experiments/benchmarks.py`: summary rows, markdown assembly, `--only` merge, failures.
 
-No benchmark runs here: entries are built by hand in the shape `run_one` produces.
+No benchmark runs here: entries are built by hand in the shape `run_one` produces, and `run_one` itself runs
+stand-in `python -c` scripts of a few milliseconds (ok, failure with stderr, no JSON, timeout).
 """
 import json
 import math
+import sys
 
 import pytest
 
@@ -158,3 +160,31 @@ def test_command_adds_data_flag_and_json_only_where_needed(tmp_path):
   cmd = bm.bench_command("bench_eval", [], "/data/BRCA", j)
   assert "--data" not in cmd and cmd[-2:] == ["--json", str(j)]
   assert bm.discover() == sorted(bm.discover()) and "bench_eval" in bm.discover()
+
+
+def _script(tmp_path, code):
+  """A stand-in benchmark: `python -c code --json PATH` (a subprocess of a few ms, no benchmark)."""
+  return [sys.executable, "-c", code, "--json", str(tmp_path / "out.json")]
+
+
+def test_run_one_ok_reads_json(tmp_path):
+  code = "import json, sys; print('| a |'); json.dump({'tables': {}}, open(sys.argv[2], 'w'))"
+  e = bm.run_one("bench_x", _script(tmp_path, code), timeout=60, brca=None, run_id="r")
+  assert e["status"] == "ok" and e["result"] == {"tables": {}} and e["stdout"] == "| a |\n" and e["rc"] == 0
+
+
+def test_run_one_failure_keeps_stderr_tail(tmp_path):
+  code = ("import sys; print('partial'); [print(f'line {i}', file=sys.stderr) for i in range(40)]; "
+          "sys.exit(3)")
+  e = bm.run_one("bench_x", _script(tmp_path, code), timeout=60, brca=None, run_id="r")
+  assert e["status"] == "failed" and e["reason"] == "exit code 3" and e["stdout"] == "partial\n"
+  assert e["stderr_tail"].splitlines() == [f"line {i}" for i in range(40 - bm.STDERR_TAIL_LINES, 40)]
+  (row,) = bm.summary_rows(e)
+  assert row["what"] == "FAILED (exit code 3)" and row["baseline"] == "last stderr line: line 39"
+
+
+def test_run_one_missing_json_and_timeout(tmp_path):
+  e = bm.run_one("bench_x", _script(tmp_path, "print('no json')"), timeout=60, brca=None, run_id="r")
+  assert e["status"] == "failed" and e["reason"].startswith("no readable JSON")
+  e = bm.run_one("bench_x", _script(tmp_path, "import time; time.sleep(30)"), timeout=0.5, brca=None, run_id="r")
+  assert e["status"] == "failed" and e["reason"] == "timed out after 0.5 s" and e["wall_s"] < 20
