@@ -321,10 +321,14 @@ def stdout_markdown(text: str) -> str:
 def render_markdown(data: dict) -> str:
   """BENCHMARKS.md from the combined results ({'runs': [...], 'benchmarks': {name: entry}})."""
   runs = data["runs"]
-  latest = runs[-1]
+  complete = [r for r in runs if not r.get("only")]  # runs of every benchmark (not an --only rerun)
+  regen = (complete or runs)[-1]
   lines = ["# Benchmarks", "",
            "Written by `experiments/benchmarks.py`. Regenerate with:", "",
-           f"    {latest['command']}", ""]
+           f"    {regen['command']}", ""]
+  if len(runs) > 1:
+    lines += ["The entries below come from more than one run (a later `--only` rerun replaced some); each "
+              "benchmark's section names its run.", ""]
   for run in runs:
     m = run["machine"]
     names = ", ".join(n for n, e in data["benchmarks"].items() if e.get("run") == run["started_utc"])
@@ -529,7 +533,7 @@ def run(profile: str, brca: str | None, only: str | None, timeout: float | None,
     entries[name] = run_one(name, cmd, timeout, brca, run_id)
   finished = datetime.datetime.now(datetime.timezone.utc)
   new_run = dict(started_utc=run_id, finished_utc=finished.strftime("%Y-%m-%d %H:%M:%S"), command=shown,
-                 profile=profile, wall_s=time.perf_counter() - t0, load_before=load_before,
+                 profile=profile, only=names if only else None, wall_s=time.perf_counter() - t0, load_before=load_before,
                  load_after=list(os.getloadavg()), machine=machine, note=note)
   data = sanitize(merge(previous, new_run, entries, available))
   json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -135,6 +135,13 @@ def test_merge_only_keeps_other_entries_and_their_run():
   md = bm.render_markdown(merged2)
   assert "## Run 2026-11-30 15:00 (UTC)" in md and "benchmarks from this run: bench_eval" in md
   assert "## Run 2026-11-30 14:00" not in md
+  # The regeneration command is that of the last complete run, not of an --only rerun.
+  only_run = dict(_run("2026-11-30 17:00", command="X --only eval"), only=["bench_eval"])
+  merged3 = bm.merge(merged2, only_run, {"bench_eval": _entry("bench_eval", EVAL_RESULT, run="2026-11-30 17:00")},
+                     ["bench_backbone", "bench_eval"])
+  md = bm.render_markdown(merged3)
+  assert "Regenerate with:\n\n    PYTHONPATH=. .venv/bin/python -m experiments.benchmarks --quick\n" in md
+  assert "more than one run" in md and "`X --only eval`" in md
 
 
 def test_merge_without_previous_and_sanitize():
