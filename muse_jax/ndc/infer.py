@@ -121,11 +121,18 @@ def save_predictor(path: str | os.PathLike, model_cfg: Any, head_cfg: Any, class
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   path = epath.Path(os.path.abspath(os.fspath(path)))
-  path.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0  # multi-host: every process calls this (Orbax), process 0 owns the files
   var_dir = path / VARIABLES_DIR
-  if var_dir.exists():
-    var_dir.rmtree()
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
+  if main:
+    path.mkdir(parents=True, exist_ok=True)
+    if var_dir.exists():
+      var_dir.rmtree()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    multihost_utils.sync_global_devices("muse_jax.save_predictor")
+  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)
+                      and not x.is_fully_addressable else np.asarray(jax.device_get(x)),
                       {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")})
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(var_dir, host)
@@ -133,7 +140,8 @@ def save_predictor(path: str | os.PathLike, model_cfg: Any, head_cfg: Any, class
   to_dict = lambda c: c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c or {})  # noqa: E731
   cfg = {"model": to_dict(model_cfg), "head": to_dict(head_cfg), "class_names": list(class_names),
          "mpp": float(mpp), "infer": to_dict(infer_cfg), "extra": extra or {}}
-  (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+  if main:
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
   return path
 
 

@@ -19,6 +19,7 @@ checkpoint for `Predictor.from_checkpoint` / `python -m muse_jax.predict`). The 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -168,8 +169,10 @@ def backbone_train_mode(config: ml_collections.ConfigDict) -> bool:
 
 def build_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
   o = config.optim
-  lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(1, int(o.warmup_steps)), max(2, int(config.train.steps)),
-                                          o.lr * 0.01)
+  total = max(2, int(config.train.steps))
+  # Short runs (smoke tests, --config.train.steps below the warm-up): the warm-up takes all but the last step.
+  warmup = max(1, min(int(o.warmup_steps), total - 1))
+  lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, total, o.lr * 0.01)
   decay = jax.tree.map(lambda p: p.ndim > 1, params)
   parts = []
   if o.clip_grad and o.clip_grad > 0:
@@ -183,8 +186,10 @@ def make_step_fn(config: ml_collections.ConfigDict, module, tx, num_classes: int
                  gather: NamedSharding | None = None):
   """The pure step `(state, batch) -> (state, metrics)`.
 
-  `gather` (a replicated sharding) is applied to the matching inputs before the host callback, so the callback
-  sees whole arrays without involuntary re-sharding by the partitioner.
+  `gather` (a NamedSharding on the step's mesh; None on one device): on several devices the Hungarian host
+  callback runs per device on its own rows of the batch (`jax.shard_map` over `data`), so no device waits in a
+  collective for a callback pinned to device 0 (that deadlocked XLA:CPU's in-process collectives with 4 devices)
+  and the matching work is spread over the hosts.
   """
   F = field_size(config)
   stride = int(config.head.stride)
@@ -219,10 +224,12 @@ def make_step_fn(config: ml_collections.ConfigDict, module, tx, num_classes: int
                           jax.random.fold_in(key, 2))
       probs = jax.nn.softmax(jax.lax.stop_gradient(out["logits"]).astype(jnp.float32), -1)
       args = (jax.lax.stop_gradient(out["points"]), probs, valid, batch["coords"], batch["classes"], batch["mask"])
-      if gather is not None:
-        args = tuple(jax.lax.with_sharding_constraint(a, gather) for a in args)
-      assign = matching.hungarian_assign(*args, point_weight=float(L.match_point_weight),
-                                         class_weight=float(L.match_class_weight), max_dist=max_dist)
+      match = functools.partial(matching.hungarian_assign, point_weight=float(L.match_point_weight),
+                                class_weight=float(L.match_class_weight), max_dist=max_dist)
+      if gather is not None and gather.mesh.size > 1:
+        match = jax.shard_map(match, mesh=gather.mesh, in_specs=(P("data"),) * len(args), out_specs=P("data"),
+                              check_vma=False)
+      assign = match(*args)
       sup = losses.supervised_loss(out["logits"], out["points"], assign, batch["coords"], batch["classes"], valid,
                                    stride=stride, bg_weight=float(L.bg_weight))
       loss = L.cls * sup["cls"] + L.reg * sup["reg"]
@@ -373,10 +380,23 @@ def _jsonable(x):
   return x
 
 
+def _host(x: Any) -> np.ndarray:
+  """A (replicated) array as host NumPy, also when it spans several processes (multi-host)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Fine-tunes the NDC model; returns `{'step', 'last_metrics', 'eval', 'export'}`.
 
   Resumes from the newest checkpoint in `workdir/checkpoints` when there is one.
+
+  Multi-host (after `jax.distributed.initialize`, e.g. `python -m muse_jax.finetune --multihost`): every process
+  runs this with the same config and workdir (shared storage). The batch is a pure function of (seed, step), so each
+  process builds it and feeds its own rows (`jax.make_array_from_process_local_data`): the data are the same for any
+  number of processes. The mesh spans all devices (the batch must be a multiple of the device count). Process 0
+  writes the logs, the config and the evaluation; checkpoints and the export are written by all (Orbax).
   """
   from muse_jax.pretrain.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
@@ -393,6 +413,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   F = field_size(config)
   check_field(config)
   B = int(config.train.batch_size)
+  pi, pc = jax.process_index(), jax.process_count()
+  is_main = pi == 0
+  if pc > 1 and B % jax.device_count():
+    raise ValueError(f"config.train.batch_size: got {B}, expected a multiple of the {jax.device_count()} devices of "
+                     f"the {pc} processes (multi-host runs use every device)")
   max_points = int(config.train.max_points) or int(64 * math.ceil(max(len(s.coords) for s in train) / 64 + 1e-9))
   max_points = max(max_points, 64)
 
@@ -402,7 +427,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   model_cfg, module, variables = init_model(config, C)
   tx = build_optimizer(config, variables["params"])
   state = create_state(tx, variables)
-  mesh = make_mesh(B, int(config.get("num_devices", 0)))
+  mesh = make_mesh(B, 0 if pc > 1 else int(config.get("num_devices", 0)))
   built = build_step(config, module, tx, C, mesh)  # the same builder as abstract_step (the AOT tool)
   repl, data_sh = built["replicated"], built["batch_sharding"]
   state = jax.device_put(state, repl)
@@ -411,15 +436,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
     state, start = ckpt.restore(abstract)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  rows = slice(pi * B // pc, (pi + 1) * B // pc)  # this process's rows of the global batch
 
   step_fn = built["jit_step"]
   total = int(config.train.steps)
   log_path = os.path.join(workdir, "metrics.jsonl")
   last: dict[str, Any] = {}
   bar = None
-  if config.train.progress and start < total:
+  if config.train.progress and start < total and is_main:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     bar = tqdm(total=total, initial=start, desc="ndc finetune", unit="step", dynamic_ncols=True)
@@ -427,17 +454,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   t0, t_last = time.time(), time.time()
   for step in range(start, total):
     batch = make_batch(train, config, step, B, max_points, context)
-    batch = jax.device_put(batch, data_sh)
+    if pc > 1:
+      batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sh, x[rows]), batch)
+    else:
+      batch = jax.device_put(batch, data_sh)
     state, m = step_fn(state, batch)
     if (step + 1) % int(config.train.log_every) == 0 or step + 1 == total or step == start:
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      m = {k: float(_host(v)) for k, v in m.items()}
       if not math.isfinite(m["loss"]):
         raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} ({m}); lower config.optim.lr")
       now = time.time()
       m.update({"step": step + 1, "time": now - t0, "steps_per_s": (step + 1 - start) / max(now - t0, 1e-9)})
       last = m
-      with open(log_path, "a") as f:
-        f.write(json.dumps(m) + "\n")
+      if is_main:
+        with open(log_path, "a") as f:
+          f.write(json.dumps(m) + "\n")
       if bar is not None:
         bar.set_postfix(loss=f"{m['loss']:.3f}", matched=f"{m['matched']:.0f}/{m['gt']:.0f}")
       t_last = now
@@ -445,30 +476,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       bar.update(1)
     if (step + 1) % int(config.train.ckpt_every) == 0 and step + 1 < total:
       ckpt.save(step + 1, state)
-    if config.train.eval_every and (step + 1) % int(config.train.eval_every) == 0 and step + 1 < total:
+    if (config.train.eval_every and (step + 1) % int(config.train.eval_every) == 0 and step + 1 < total
+        and is_main):
       val = val if val is not None else _val_samples(config)
       if val:
-        pred = make_predictor(config, model_cfg, export_variables(state, config.train.export, config.semi.enabled))
+        pred = make_predictor(config, model_cfg, jax.tree.map(
+            _host, export_variables(state, config.train.export, config.semi.enabled)))
         res = _summary(evaluate_samples(pred, val, config.eval.modes, float(config.eval.radius_um)))
         with open(log_path, "a") as f:
           f.write(json.dumps({"step": step + 1, "eval": res}) + "\n")
   if bar is not None:
     bar.close()
   del t_last
-  final_step = int(jax.device_get(state["step"]))
+  final_step = int(_host(state["step"]))
   if ckpt.latest_step() != final_step:
     ckpt.save(final_step, state)
   ckpt.close()
   if context is not None:
     context.close()
 
-  variables = export_variables(state, config.train.export, config.semi.enabled)
+  variables = jax.tree.map(_host, export_variables(state, config.train.export, config.semi.enabled))
   export = infer_lib.save_predictor(os.path.join(workdir, "export"), model_cfg, config.head, class_names,
                                     float(config.data.mpp), variables, config.infer,
                                     extra={"init": config.init, "step": final_step, "variant": config.variant,
                                            "ablations": config.ablations, "weights": config.train.export})
   result = {"step": final_step, "last_metrics": last, "export": str(export), "eval": None}
-  val = val if val is not None else _val_samples(config)
+  val = val if val is not None else (_val_samples(config) if is_main else [])
   if val:
     pred = make_predictor(config, model_cfg, variables)
     res = evaluate_samples(pred, val, config.eval.modes, float(config.eval.radius_um))
