@@ -395,6 +395,26 @@ def table(data: dict, metrics: Sequence[tuple[str, str]], methods: Sequence[str]
   return "\n".join(lines)
 
 
+def paired_table(data: dict, metrics: Sequence[tuple[str, str]], methods: Sequence[str] = METHODS,
+                 baseline: str = "random") -> str:
+  """Markdown: per method, mean ± std over seeds of (method - baseline) with the same seed (paired differences)."""
+  lines = ["| method - " + baseline + " (same seed) | " + " | ".join(h for _, h in metrics) + " |",
+           "|---" * (len(metrics) + 1) + "|"]
+  runs = data["runs"]
+  for m in methods:
+    if m == baseline:
+      continue
+    cells = []
+    for k, _ in metrics:
+      diffs = [r.get(k) - runs[run_name(baseline, r["seed"])].get(k) for r in runs.values()
+               if r["method"] == m and r.get(k) is not None
+               and runs.get(run_name(baseline, r["seed"]), {}).get(k) is not None]
+      mu, sd, n = mean_std(diffs)
+      cells.append("not run" if n == 0 else f"{mu:+.2f} ± {sd:.2f}" + ("" if n == 3 else f" (n={n})"))
+    lines.append(f"| {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def per_seed_table(data: dict, metrics: Sequence[tuple[str, str]]) -> str:
   lines = ["| run | " + " | ".join(h for _, h in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
   for name, r in data["runs"].items():
@@ -492,6 +512,8 @@ def report(root: pathlib.Path, fig_dir: pathlib.Path, methods: Sequence[str] = M
   figs = plot_figures(data, fig_dir, methods)
   md = ["### Linear / kNN (BRCA-M2C test, mpp 0.5, size 224; %, mean ± std over seeds)", "",
         table(data, EVAL_METRICS, methods), "",
+        "Paired differences to random init with the same seed (percentage points):", "",
+        paired_table(data, EVAL_METRICS, methods), "",
         "### NDC after fine-tuning (BRCA-M2C test; F1 %, mean ± std over seeds)", "",
         table(data, NDC_METRICS, methods), "", "### Per seed", "",
         per_seed_table(data, EVAL_METRICS + (("knn_best_k", "k (best)"), ("knn_val_k", "k (val)"),

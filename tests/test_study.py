@@ -138,6 +138,8 @@ def test_gather_aggregate_and_report(study, tmp_path):
   md = study.table(data, study.EVAL_METRICS, ("random", "muse"))
   assert "| random init | 62.00 ± 2.00 |" in md
   assert "70.00 ± 0.00 (n=1)" in md
+  paired = study.paired_table(data, study.EVAL_METRICS, ("random", "muse"))
+  assert "| MUSE (both) | +10.00 ± 0.00 (n=1) |" in paired
   text = study.report(tmp_path, tmp_path / "figs", ("random", "muse"), (0, 1, 2))
   assert "random_s2" in text and (tmp_path / "study.json").exists()
   assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
