@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean-venv
+.PHONY: venv test demo benchmarks clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt requirements-torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m muse_jax.demo
+
+# Regenerates experiments/BENCHMARKS.md (quick profile; BRCA=<BRCA-M2C folder> adds the data rows).
+benchmarks: $(STAMP)
+	PYTHONPATH=. $(PY) -m experiments.benchmarks --quick $(if $(BRCA),--brca $(BRCA),)
 
 clean-venv:
 	rm -rf $(VENV)
