@@ -1,20 +1,17 @@
 """NDC fine-tuning across processes: 2 CPU processes x 2 devices == 1 process x 4 devices (same global batch)."""
 import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
+import multiproc
+
 from configs import finetune_ndc
 from muse_jax.ndc import train as ndc_train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def small_config():
@@ -54,20 +51,11 @@ _WORKER = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   assert jax.device_count() == 4
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  code = _WORKER.replace("REPO", repr(str(REPO))).replace("TESTS", repr(str(REPO / "tests")))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), str(tmp_path / "mh")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = multiproc.launch_two_workers(_WORKER, tmp_path / "mh")
   # The reference run compiles while the two workers do (XLA compiles mostly on one core each).
   one = ndc_train.run(small_config(), tmp_path / "one")
   assert one["step"] == 3
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0, e[-3000:]
-    assert "DONE 3" in o
+  multiproc.wait_workers(procs, "DONE 3")
   multi, single = read_metrics(tmp_path / "mh"), read_metrics(tmp_path / "one")
   assert [r["step"] for r in multi] == [1, 2, 3]  # process 0 alone writes the log
   for key in ("loss", "loss_cls", "loss_reg", "matched", "gt"):

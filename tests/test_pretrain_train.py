@@ -2,7 +2,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,8 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+
+import multiproc
 
 from configs import pretrain
 from muse_jax.pretrain import train
@@ -143,17 +144,8 @@ _WORKER = textwrap.dedent("""
 def test_two_processes_match_one_process(straight_run, tmp_path):
   """Two CPU processes (2 devices each) with jax.distributed == one process with the same global batch."""
   wd, _ = straight_run
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  code = _WORKER.replace("REPO", repr(str(REPO))).replace("TESTS", repr(str(REPO / "tests")))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), str(tmp_path / "mh")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (o, e) in zip(procs, outs):
-    assert p.returncode == 0, e[-3000:]
-    assert "DONE 3" in o
+  procs = multiproc.launch_two_workers(_WORKER, tmp_path / "mh")
+  multiproc.wait_workers(procs, "DONE 3")
   multi = read_metrics(tmp_path / "mh")
   one = read_metrics(wd)[:3]
   for key in ("loss", "loss_image", "loss_nu"):
