@@ -112,6 +112,9 @@ def _write_run(root, method, seed, knn, linear, det):
   nd.mkdir(parents=True)
   (nd / "scores.json").write_text(json.dumps([{"mode": m, "detection": {"f1": det}, "mean_f1": det / 2}
                                               for m in ("mcspatnet", "muse")]))
+  (nd / "scores_valthr.json").write_text(json.dumps([{"mode": m, "detection": {"f1": det + 0.1},
+                                                      "mean_f1": det / 2 + 0.1} for m in ("mcspatnet", "muse")]))
+  (nd / "val_sweep.json").write_text(json.dumps({"best_threshold": 0.15}))
   if method != "random":
     pre = root / "pretrain" / name
     pre.mkdir(parents=True)
@@ -129,6 +132,8 @@ def test_gather_aggregate_and_report(study, tmp_path):
   r0 = data["runs"]["random_s0"]
   assert r0["knn_best_acc"] == pytest.approx(60.0) and r0["knn_val_acc"] == pytest.approx(58.0)
   assert r0["linear_f1"] == pytest.approx(40.0) and r0["muse_mean"] == pytest.approx(20.0)
+  assert r0["muse_mean_v"] == pytest.approx(30.0) and r0["mcspatnet_det_v"] == pytest.approx(50.0)
+  assert r0["ndc_threshold"] == 0.15
   assert r0["eval_wall_s"] == [12.0]
   assert data["runs"]["muse_s0"]["final_loss"] == 7.0 and "muse_s0" in data["curves"]
   agg = study.aggregate(data, ["knn_best_acc", "mcspatnet_det"], ("random", "muse"))
@@ -142,6 +147,8 @@ def test_gather_aggregate_and_report(study, tmp_path):
   assert "| MUSE (both) | +10.00 ± 0.00 (n=1) |" in paired
   text = study.report(tmp_path, tmp_path / "figs", ("random", "muse"), (0, 1, 2))
   assert "random_s2" in text and (tmp_path / "study.json").exists()
+  assert "| random init | 60.00 ± 10.00 | 35.00 ± 5.00 |" in text  # NDC at the val threshold, then at 0.5:
+  assert "| random init | 50.00 ± 10.00 | 25.00 ± 5.00 |" in text
   assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
       "study_eval_by_method.png", "study_loss_curves.png", "study_ndc_by_method.png"]
 
@@ -156,8 +163,13 @@ def test_commands_are_the_project_clis(study, tmp_path):
   assert ev[ev.index("--backbone") + 1] == "random:tiny" and ev[ev.index("--backbone_seed") + 1] == "1"
   (tmp_path / "b").mkdir()
   (tmp_path / "b" / "brca_ds_test.txt").write_text("a.png\nb.png\nc.png\n")
-  ft, pred, score = study.ndc_commands("py", root, str(tmp_path / "b"), "nulo", 0, steps=7)
+  (tmp_path / "b" / "brca_ds_val.txt").write_text("v.png\n")
+  ft, pval, ptest, sweep, fixed, chosen = study.ndc_commands("py", root, str(tmp_path / "b"), "nulo", 0, steps=7)
   assert ft[ft.index("--init") + 1] == str(root / "pretrain" / "nulo_s0" / "export")
-  assert "--config.train.steps=7" in ft and pred.count("--inputs") == 1
-  assert "... (3 files)" in study.short_cmd(pred)
-  assert score[score.index("--split") + 1] == "test"
+  assert "--config.train.steps=7" in ft and ptest.count("--inputs") == 1
+  assert "... (3 files)" in study.short_cmd(ptest) and str(tmp_path / "b" / "images" / "v.png") in pval
+  assert sweep[sweep.index("--split") + 1] == "val" and "--sweep" in sweep
+  assert fixed[fixed.index("--split") + 1] == "test" and fixed[fixed.index("--score-threshold") + 1] == "0.5"
+  nd = root / "ndc" / "nulo_s0"
+  assert chosen[chosen.index("--threshold-from") + 1] == sweep[sweep.index("--json") + 1] == str(nd / "val_sweep.json")
+  assert chosen[chosen.index("--predictions") + 1] == str(nd / "test_pred")
