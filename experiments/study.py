@@ -452,8 +452,8 @@ def per_seed_table(data: dict, metrics: Sequence[tuple[str, str]]) -> str:
 
 
 def wall_table(data: dict) -> str:
-  lines = ["| run | pretrain + export (s) | steps | steps/s | eval kNN + linear (s) | NDC fine-tune / predict / "
-           "score (s) |", "|---|---|---|---|---|---|"]
+  lines = ["| run | pretrain + export (s) | steps | steps/s | eval kNN + linear (s) | NDC fine-tune + predict val + "
+           "predict test + val sweep + score test @0.5 + score test @val threshold (s) |", "|---|---|---|---|---|---|"]
   for name, r in data["runs"].items():
     def w(key):
       v = r.get(key)
