@@ -125,31 +125,6 @@ def test_trainer_batch_check_names_the_field():
     aot.pretrain_spec(cfg, jax.devices()[:4])
 
 
-def test_scanned_blocks_take_flops_from_the_per_block_lowering(monkeypatch):
-  """XLA counts a scanned loop body once: with `model.scan_blocks` the report's FLOPs come from the same step with
-  per-block layers, lowered (not compiled); memory stays the scanned compile's."""
-  assert aot.unscanned_config(aot.load_config("configs/pretrain.py:tiny", [])) is None
-  cfg = aot.load_config("configs/pretrain.py:tiny", ["model.scan_blocks=True"])
-  flat = aot.unscanned_config(cfg)
-  assert flat.model.scan_blocks is False and cfg.model.scan_blocks is True
-  devices = jax.devices()[:4]
-
-  def lowered_flops(c):
-    spec = aot.pretrain_spec(c, devices)
-    return spec.jitted.lower(*spec.args).cost_analysis()["flops"]
-
-  scanned, per_block = lowered_flops(cfg), lowered_flops(flat)
-  assert scanned < 0.9 * per_block  # 4 tiny blocks counted as 1
-  fake = aot.CompileResult(argument_bytes=1, output_bytes=2, alias_bytes=0, temp_bytes=3, code_bytes=4, flops=1.0,
-                           bytes_accessed=1.0, transcendentals=1.0, optimal_seconds=1e-3, compile_seconds=0.5)
-  monkeypatch.setattr(aot, "compile_spec", lambda spec: (None, fake))
-  rep = aot.analyse(cfg, "v5p:2x2x1", devices=devices)
-  res = rep["result"]
-  assert res.flops == pytest.approx(per_block) and res.temp_bytes == 3 and res.optimal_seconds is None
-  assert "per-block" in rep["cost_source"] and "per-block" in aot.format_report(rep)
-  assert aot.report_json(rep)["cost_source"] == rep["cost_source"]
-
-
 @needs_libtpu
 def test_wrong_sharding_fails_at_compile_time_with_a_clear_message():
   devices = aot.topology_devices("v5p:2x2x1")

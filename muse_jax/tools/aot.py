@@ -499,42 +499,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return cfg
 
 
-def unscanned_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
-  """A copy of `config` with every `scan_blocks` field False, or None when none was True."""
-  config = copy.deepcopy(config)
-  found = False
-
-  def walk(node: ml_collections.ConfigDict) -> None:
-    nonlocal found
-    for k in list(node.keys()):
-      v = node[k]
-      if isinstance(v, ml_collections.ConfigDict):
-        walk(v)
-      elif k == "scan_blocks" and v:
-        node[k] = False
-        found = True
-
-  with config.unlocked():
-    walk(config)
-  return config if found else None
-
-
-def per_block_cost(spec: StepSpec, res: CompileResult) -> CompileResult:
-  """`res` with FLOPs, bytes accessed and transcendentals from `spec` lowered (not compiled).
-
-  XLA's cost analysis counts a while loop's body once, so a step with scanned ViT blocks (`model.scan_blocks`)
-  under-reports FLOPs by about (depth - 1) blocks. Its memory numbers are right (the buffers are real). The same
-  step with per-block layers is lowered (seconds, no compile) and its HLO cost analysis replaces the counts; the
-  libtpu cost model's time (`optimal_seconds`) is dropped, as it has the same blind spot.
-  """
-  ca = spec.jitted.lower(*spec.args).cost_analysis()
-  if isinstance(ca, (list, tuple)):
-    ca = ca[0] if ca else {}
-  ca = ca or {}
-  return dataclasses.replace(res, flops=float(ca.get("flops", 0.0)), bytes_accessed=float(ca.get("bytes accessed", 0.0)),
-                             transcendentals=float(ca.get("transcendentals", 0.0)), optimal_seconds=None)
-
-
 def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pretrain",
             per_device_batch: int | None = None, find_max: bool = False, search_start: int | None = None,
             granularity: int = 1, max_compiles: int = 12, devices: Sequence[jax.Device] | None = None,
@@ -565,14 +529,8 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
   report["per_device_batch"] = spec.per_device_batch
   report["global_batch"] = spec.global_batch
   report["images_per_sample"] = spec.images_per_sample
-  flat = unscanned_config(config)
-  if flat is not None:
-    report["cost_source"] = ("FLOPs and bytes from the step with per-block ViT layers, lowered and not compiled "
-                             "(XLA counts a scanned loop body once); memory from the scanned compile")
   try:
     _, res = compile_spec(spec)
-    if flat is not None:
-      res = per_block_cost(build(flat, devs, per_device_batch), res)
     report["result"] = res
     report["fits"] = fits(res, chip)
     report["roofline"] = roofline(res, chip, spec.global_batch)
@@ -588,8 +546,6 @@ def analyse(config: ml_collections.ConfigDict, topology: str, *, step: str = "pr
     start = search_start or max(1, spec.per_device_batch)
     best, best_res, probes = find_max_batch(try_batch, start=start, granularity=granularity,
                                             max_compiles=max_compiles, capacity=chip.compiler_hbm_bytes, log=log)
-    if flat is not None and best_res is not None:
-      best_res = per_block_cost(build(flat, devs, best), best_res)
     report["max_batch"] = best
     report["max_batch_result"] = best_res
     report["max_batch_roofline"] = roofline(best_res, chip, best * n) if best_res else None
@@ -630,8 +586,6 @@ def format_report(r: dict[str, Any]) -> str:
         f"per-chip FLOPs/step {res.flops:.4g}, HBM bytes/step {res.bytes_accessed:.4g}, "
         f"transcendentals {res.transcendentals:.4g}",
     ]
-    if r.get("cost_source"):
-      lines.append(f"  ({r['cost_source']})")
     rf = r["roofline"]
     lines.append(f"roofline ({chip.name}: {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, "
                  f"{chip.hbm_bandwidth / 1e9:.0f} GB/s): compute {1e3 * rf['t_compute']:.2f} ms, "
@@ -660,8 +614,6 @@ def report_json(r: dict[str, Any]) -> dict[str, Any]:
   """The machine-readable part of a report (the `json:` line of `format_report`; `experiments/aot_table.py
   --ingest` reads it): step, topology, mesh, batches, fits, and every `CompileResult` field of the main compile."""
   out = {k: r.get(k) for k in ("step", "variant", "topology", "mesh", "per_device_batch", "global_batch", "fits")}
-  if r.get("cost_source"):
-    out["cost_source"] = r["cost_source"]
   res = r.get("result")
   out["result"] = dataclasses.asdict(res) | {"total_bytes": res.total_bytes} if res is not None else None
   if "max_batch" in r:
