@@ -55,10 +55,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     cfg.qkv_bias = True
     cfg.extract_layers = layers
     cfg.cls_mode = "ignore"  # 'ignore' (released weights) | 'add' | 'proj'
-    # Scan the transformer blocks (one compiled block body; variables stacked under encoder/blocks/block): much
-    # faster XLA compiles for deep models, same maths. Exports keep the layout of the run's config; torch
-    # import / export convert (models/vit.py: stack_blocks / unstack_blocks).
-    cfg.scan_blocks = False
     cfg.dim_ratios = (0.25, 0.5, 1.0, 2.0)
     cfg.map_dim = d
     cfg.cls_dim = d

@@ -118,12 +118,6 @@ def check_variables(model_cfg: ml_collections.ConfigDict, variables: Variables, 
       if items:
         shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
         lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
-    scan_got = any("encoder/blocks/block/" in k for k in got)
-    scan_want = any("encoder/blocks/block/" in k for k in want)
-    if scan_got != scan_want:
-      lines.append("  the variables are in the " + ("scanned" if scan_got else "per-block") + " ViT layout and the "
-                   "config wants the " + ("scanned" if scan_want else "per-block") + " one: set model.scan_blocks="
-                   f"{scan_got} or convert (muse_jax.models.vit.stack_blocks / unstack_blocks)")
     raise ValueError("\n".join(lines))
 
 

@@ -41,17 +41,16 @@ def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str, zero_s
 class DropPath(nn.Module):
   """Stochastic depth: zeroes the residual branch per sample with probability `rate` (train only), scales by 1/keep.
 
-  Needs a 'dropout' rng when `train` and `rate > 0`. `__call__(..., rate=r)` overrides the attribute with a traced
-  rate (the scanned ViT passes each block's rate as a scan input); a traced rate always draws the mask.
+  Needs a 'dropout' rng when `train` and `rate > 0`.
   """
 
   rate: float
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, rate: jax.Array | None = None) -> jax.Array:
-    if not train or (rate is None and self.rate <= 0.0):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate <= 0.0:
       return x
-    keep = 1.0 - (self.rate if rate is None else rate)
+    keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))

@@ -91,74 +91,12 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, drop_rate: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     dp = DropPath(self.drop_path, name="drop_path")
     y = Attention(self.dim, self.num_heads, self.qkv_bias, self.dtype, name="attn")(_layer_norm("norm1", self.dtype)(x))
-    x = x + dp(y, train, drop_rate)
+    x = x + dp(y, train)
     y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
-    return x + dp(y, train, drop_rate)
-
-
-class _ScanBlock(nn.Module):
-  """One step of the scanned block stack: `(x, rate) -> (x', x')`; `train` and drop-path use are static."""
-
-  dim: int
-  num_heads: int
-  mlp_ratio: float
-  qkv_bias: bool
-  dtype: Any
-  train: bool
-  drop_path: bool
-
-  @nn.compact
-  def __call__(self, x: jax.Array, rate: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = Block(self.dim, self.num_heads, self.mlp_ratio, self.qkv_bias, 0.0, self.dtype, name="block")(
-        x, self.train, rate if self.drop_path else None)
-    return x, x
-
-
-# Scanned layout: the `depth` blocks stacked on a leading axis under `encoder/blocks/block/...` (one compiled block
-# body instead of `depth` copies: much faster XLA compiles for deep models). `unstack_blocks` / `stack_blocks` map
-# it to and from the per-block layout `encoder/blocks_{i}/...` (the official key table, torch import / export).
-SCANNED = ("blocks", "block")
-
-
-def _encoder_scopes(variables: dict[str, Any]) -> list[dict[str, Any]]:
-  """The `encoder` scope of every collection that has one (params; batch_stats has none for the ViT encoder)."""
-  return [c["encoder"] for c in variables.values() if isinstance(c, dict) and "encoder" in c]
-
-
-def unstack_blocks(variables: dict[str, Any], depth: int) -> dict[str, Any]:
-  """Scanned ViT variables -> per-block layout (`encoder/blocks_{i}`); other variables are shared, not copied."""
-  out = {}
-  for col, tree in variables.items():
-    if isinstance(tree, dict) and "encoder" in tree and SCANNED[0] in tree["encoder"]:
-      enc = {k: v for k, v in tree["encoder"].items() if k != SCANNED[0]}
-      stacked = tree["encoder"][SCANNED[0]][SCANNED[1]]
-      for i in range(depth):
-        enc[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
-      tree = {**tree, "encoder": enc}
-    out[col] = tree
-  return out
-
-
-def stack_blocks(variables: dict[str, Any], depth: int) -> dict[str, Any]:
-  """Per-block ViT variables (`encoder/blocks_{i}`) -> the scanned layout (`encoder/blocks/block`, leading axis)."""
-  out = {}
-  for col, tree in variables.items():
-    if isinstance(tree, dict) and "encoder" in tree and "blocks_0" in tree["encoder"]:
-      names = [f"blocks_{i}" for i in range(depth)]
-      missing = [n for n in names if n not in tree["encoder"]]
-      if missing:
-        raise ValueError(f"stack_blocks: {col}/encoder lacks {missing} (depth {depth})")
-      enc = {k: v for k, v in tree["encoder"].items() if k not in names}
-      stack = np if all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(tree["encoder"]["blocks_0"])) \
-          else jnp
-      enc[SCANNED[0]] = {SCANNED[1]: jax.tree_util.tree_map(lambda *xs: stack.stack(xs), *[tree["encoder"][n]
-                                                                                          for n in names])}
-      tree = {**tree, "encoder": enc}
-    out[col] = tree
-  return out
+    return x + dp(y, train)
 
 
 class VisionTransformer(nn.Module):
@@ -182,7 +120,6 @@ class VisionTransformer(nn.Module):
   cls_mode: str = "ignore"
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
-  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[list[jax.Array], jax.Array]:
@@ -201,13 +138,7 @@ class VisionTransformer(nn.Module):
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     norm = _layer_norm("norm", self.dtype)
     extracted = []
-    if self.scan_blocks:
-      stack = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=0, out_axes=0, length=self.depth)
-      x, ys = stack(d, self.num_heads, self.mlp_ratio, self.qkv_bias, self.dtype, train, self.drop_path_rate > 0,
-                    name=SCANNED[0])(x, jnp.asarray(rates, jnp.float32))
-      extracted = [norm(ys[i]) for i in range(self.depth) if i in self.extract_layers]
-    for i in range(0 if self.scan_blocks else self.depth):
+    for i in range(self.depth):
       x = Block(d, self.num_heads, self.mlp_ratio, self.qkv_bias, float(rates[i]), self.dtype, name=f"blocks_{i}")(
           x, train)
       if i in self.extract_layers:
@@ -260,7 +191,6 @@ class MUSEViT(nn.Module):
   drop_path_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
-  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -269,8 +199,7 @@ class MUSEViT(nn.Module):
       raise ValueError(f"MUSEViT: extract_layers must name 4 blocks; got {self.extract_layers}.")
     maps, f_cls = VisionTransformer(
         self.embed_dim, self.depth, self.num_heads, self.patch_size, self.img_size, self.mlp_ratio, self.qkv_bias,
-        tuple(self.extract_layers), self.cls_mode, self.drop_path_rate, self.dtype, self.scan_blocks,
-        name="encoder")(images, train)
+        tuple(self.extract_layers), self.cls_mode, self.drop_path_rate, self.dtype, name="encoder")(images, train)
     d = self.embed_dim
     dims = tuple(int(d * r) for r in self.dim_ratios)
     f_map = Decoder(dims, d // 4, reassemble=True, patch_size=self.patch_size, bn_axis_name=self.bn_axis_name,
@@ -283,6 +212,5 @@ def vit_kwargs(cfg: Any) -> dict[str, Any]:
   return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
               img_size=cfg.img_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
               extract_layers=tuple(cfg.extract_layers), cls_mode=cfg.cls_mode, dim_ratios=tuple(cfg.dim_ratios),
-              drop_path_rate=float(cfg.drop_path_rate), bn_axis_name=cfg.bn_axis_name, dtype=jnp.dtype(cfg.dtype),
-              scan_blocks=bool(cfg.get("scan_blocks", False)))
+              drop_path_rate=float(cfg.drop_path_rate), bn_axis_name=cfg.bn_axis_name, dtype=jnp.dtype(cfg.dtype))
 

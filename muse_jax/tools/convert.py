@@ -209,18 +209,9 @@ def _cached_table(config_json: str) -> tuple[TableEntry, ...]:
 
 
 def conversion_table(model_cfg: ml_collections.ConfigDict) -> list[TableEntry]:
-  """Every official tensor of `model_cfg`'s architecture with its place in our variables, in `state_dict()` order.
-
-  Places are in the per-block layout (`encoder/blocks_{i}`) even for a config with `scan_blocks`: the converters
-  stack / unstack around the table.
-  """
+  """Every official tensor of `model_cfg`'s architecture with its place in our variables, in `state_dict()` order."""
   cfg = model_cfg.to_dict() if isinstance(model_cfg, ml_collections.ConfigDict) else dict(model_cfg)
-  cfg.pop("scan_blocks", None)
   return list(_cached_table(json.dumps(cfg, sort_keys=True, default=list)))
-
-
-def _scanned(model_cfg: ml_collections.ConfigDict) -> bool:
-  return model_cfg.get("arch") == "vit" and bool(model_cfg.get("scan_blocks", False))
 
 
 def official_key_table(model_cfg: ml_collections.ConfigDict) -> list[tuple[str, tuple[int, ...], str]]:
@@ -419,9 +410,6 @@ def torch_to_variables(
       pos_info = f"{n}x{n} -> {g}x{g} ({pos_embed_resize})"
     flat[e.collection][e.path] = _to_ours(e.kind, value.astype(np.float32, copy=False))
   variables = {c: _unflatten(f) for c, f in flat.items()}
-  if _scanned(model_cfg):
-    from muse_jax.models import vit  # pylint: disable=import-outside-toplevel
-    variables = vit.stack_blocks(variables, int(model_cfg.depth))
   return variables, {"num_batches_tracked": max(counts), "pos_embed": pos_info}
 
 
@@ -444,9 +432,6 @@ def variables_to_torch(
     ConversionError: listing missing, unexpected and mis-shaped variables.
   """
   table = conversion_table(model_cfg)
-  if _scanned(model_cfg):
-    from muse_jax.models import vit  # pylint: disable=import-outside-toplevel
-    variables = vit.unstack_blocks(dict(variables), int(model_cfg.depth))
   have = {c: _flatten(dict(variables.get(c, {}))) for c in ("params", "batch_stats")}
   want = {(e.collection, e.path): e for e in table if e.kind != "count"}
   missing = [f"{c}/{'/'.join(p)} (official {e.key} {list(e.shape)})" for (c, p), e in want.items() if p not in have[c]]
