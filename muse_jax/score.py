@@ -83,6 +83,16 @@ def _filter(pred: dict, threshold: float) -> dict:
   return {"points": pred["points"][keep], "classes": pred["classes"][keep], "scores": pred["scores"][keep]}
 
 
+def _evaluate_at(preds: list[dict], gts: list[dict], threshold: float | None, modes: list[str], **kw) -> list[dict]:
+  """One `metrics.evaluate` result per mode for the predictions scoring >= `threshold` (None: all of them)."""
+  if threshold is not None:
+    preds = [_filter(p, threshold) for p in preds]
+  out = [metrics_lib.evaluate(preds, gts, mode=m, **kw) for m in modes]
+  for r in out:
+    r["score_threshold"] = threshold
+  return out
+
+
 def score(predictions: str, labels: str, *, mpp: float, modes: list[str], class_names: list[str],
           split: str | None = None, radius_um: float = 3.0, missing_as_empty: bool = False,
           score_threshold: float | None = None) -> list[dict]:
@@ -90,15 +100,10 @@ def score(predictions: str, labels: str, *, mpp: float, modes: list[str], class_
 
   `score_threshold`: predictions scoring below it are dropped first (None: all predictions count).
   """
-  preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty)
   if score_threshold is not None:
-    t = _check_threshold(score_threshold, "score_threshold")
-    preds = [_filter(p, t) for p in preds]
-  out = [metrics_lib.evaluate(preds, gts, mode=m, class_names=class_names, mpp=mpp, radius_um=radius_um)
-         for m in modes]
-  for r in out:
-    r["score_threshold"] = score_threshold
-  return out
+    score_threshold = _check_threshold(score_threshold, "score_threshold")
+  preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty)
+  return _evaluate_at(preds, gts, score_threshold, modes, class_names=class_names, mpp=mpp, radius_um=radius_um)
 
 
 def sweep(predictions: str, labels: str, *, mpp: float, modes: list[str], class_names: list[str],
@@ -113,14 +118,8 @@ def sweep(predictions: str, labels: str, *, mpp: float, modes: list[str], class_
   if mode not in modes or metric not in ("f_det", "f_mean"):
     raise ValueError(f"--select: got {select!r}, expected MODE/f_det or MODE/f_mean with MODE in {modes}")
   preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty)
-  results = []
-  for t in thresholds:
-    ps = [_filter(p, t) for p in preds]
-    res = [metrics_lib.evaluate(ps, gts, mode=m, class_names=class_names, mpp=mpp, radius_um=radius_um)
-           for m in modes]
-    for r in res:
-      r["score_threshold"] = t
-    results.append(res)
+  results = [_evaluate_at(preds, gts, t, modes, class_names=class_names, mpp=mpp, radius_um=radius_um)
+             for t in thresholds]
   key = (lambda r: r["detection"]["f1"]) if metric == "f_det" else (lambda r: r["mean_f1"])
   vals = [key(res[modes.index(mode)]) for res in results]
   best = int(max(range(len(vals)), key=lambda i: (vals[i], -i)))
