@@ -98,13 +98,13 @@ def eval_command(python: str, root: pathlib.Path, brca: str, method: str, seed: 
 
 
 def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: int,
-                 steps: int = NDC_STEPS) -> list[list[str]]:
+                 steps: int = NDC_STEPS, overrides: Sequence[str] = (), stage_dir: str = "ndc") -> list[list[str]]:
   """Fine-tune; predict the val and test tiles; choose the score threshold on val; score test (mcspatnet + muse).
 
   Test is scored twice: at the config's fixed threshold 0.5 (`scores.json`) and at the threshold that maximises
   `NDC_SELECT` on val (`scores_valthr.json`; the val sweep is `val_sweep.json`).
   """
-  wd = root / "ndc" / run_name(method, seed)
+  wd = root / stage_dir / run_name(method, seed)
   init = "random:tiny" if method == "random" else backbone_of(root, method, seed)
 
   def files(split):
@@ -115,6 +115,7 @@ def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: 
         "--workdir", str(wd / "train"), f"--config.seed={seed}", f"--config.data.dir={brca}",
         f"--config.train.steps={steps}", "--config.train.progress=False", f"--config.train.ckpt_every={steps}",
         "--config.train.log_every=25", "--config.train.eval_every=0", "--config.eval.max_images=3"]
+  ft += [f"--config.{o}" for o in overrides]
   preds = [[python, "-m", "muse_jax.predict", "--checkpoint", str(wd / "train" / "export"), "--inputs", *files(split),
             "--mpp", "0.5", "--out", str(wd / f"{split}_pred"), "--no-overlay",
             "--score-threshold", str(NDC_PRED_THRESHOLD)] for split in ("val", "test")]
@@ -254,8 +255,9 @@ def do_eval(args, method: str, seed: int) -> dict[str, Any]:
 
 def do_ndc(args, method: str, seed: int) -> dict[str, Any]:
   root = pathlib.Path(args.root)
-  return run_logged(ndc_commands(args.python, root, args.brca, method, seed, args.ndc_steps),
-                    root / "ndc" / run_name(method, seed), cwd=args.repo)
+  stage_dir = f"ndc_{args.ndc_tag}" if args.ndc_tag else "ndc"
+  return run_logged(ndc_commands(args.python, root, args.brca, method, seed, args.ndc_steps, args.ndc_override,
+                                 stage_dir), root / stage_dir / run_name(method, seed), cwd=args.repo)
 
 
 def chain(args, method: str, seed: int, stages: Sequence[str]) -> None:
@@ -570,6 +572,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
   p.add_argument("--pretrain_steps", type=int, default=0, help="override total_steps (0: the study config's)")
   p.add_argument("--ndc_steps", type=int, default=NDC_STEPS)
+  p.add_argument("--ndc_override", action="append", default=[],
+                 help="ndc: extra fine-tuning config override FIELD=VALUE (repeatable), e.g. "
+                      "optim.backbone_train_mode=True; use with --ndc_tag")
+  p.add_argument("--ndc_tag", default="", help="ndc: write the runs to ROOT/ndc_<tag>/ (controls; not in the report)")
   p.add_argument("--jobs", type=int, default=1, help="method/seed chains run at once")
   p.add_argument("--deadline", default=None, help="HH:MM (UTC today): start no new run after it")
   p.add_argument("--wait_pretrain", action="store_true",
@@ -581,6 +587,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if bad:
     p.error(f"--methods: unknown {bad}; expected some of {METHODS}")
   a.seeds = [int(s) for s in a.seeds.split(",") if s]
+  if a.ndc_override and not a.ndc_tag:
+    p.error("--ndc_override changes the NDC runs: give --ndc_tag so they do not mix with the study's ndc/ runs")
   a.repo = str(pathlib.Path(__file__).resolve().parent.parent)
   a.root = str(pathlib.Path(a.root).resolve())
   if a.deadline:

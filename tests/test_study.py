@@ -173,3 +173,12 @@ def test_commands_are_the_project_clis(study, tmp_path):
   nd = root / "ndc" / "nulo_s0"
   assert chosen[chosen.index("--threshold-from") + 1] == sweep[sweep.index("--json") + 1] == str(nd / "val_sweep.json")
   assert chosen[chosen.index("--predictions") + 1] == str(nd / "test_pred")
+  ctl = study.ndc_commands("py", root, str(tmp_path / "b"), "muse", 1, overrides=["optim.backbone_train_mode=True"],
+                           stage_dir="ndc_bn")
+  assert "--config.optim.backbone_train_mode=True" in ctl[0]
+  assert ctl[0][ctl[0].index("--workdir") + 1] == str(root / "ndc_bn" / "muse_s1" / "train")
+  assert ctl[-1][ctl[-1].index("--json") + 1] == str(root / "ndc_bn" / "muse_s1" / "scores_valthr.json")
+  with pytest.raises(SystemExit):
+    study.parse_args(["ndc", "--brca", "/b", "--ndc_override", "optim.backbone_train_mode=True"])
+  a = study.parse_args(["ndc", "--brca", "/b", "--ndc_override", "optim.backbone_train_mode=True", "--ndc_tag", "bn"])
+  assert a.ndc_override == ["optim.backbone_train_mode=True"] and a.ndc_tag == "bn"
