@@ -12,8 +12,10 @@ Stages (each resumable: a finished run is skipped, an interrupted pretraining re
             `brca:BRCA|folder:ROOT/slide_regions` (BRCA-M2C train + val + the slide regions; never test), then
             `python -m muse_jax.export` (the teacher backbone).
   eval      `python -m muse_jax.evaluate` kNN + linear at mpp 0.5 / size 224 on the full BRCA-M2C test split.
-  ndc       `python -m muse_jax.finetune --config configs/finetune_ndc.py:tiny` (the same short schedule for every
-            method), `python -m muse_jax.predict` on the test tiles, `python -m muse_jax.score` (mcspatnet, muse).
+  ndc       `python -m muse_jax.finetune --config configs/finetune_ndc.py:tiny,no_semi,no_lfov` (500 steps, the same
+            for every method), `python -m muse_jax.predict` on the val and test tiles (threshold 0.05), `python -m
+            muse_jax.score`: threshold chosen on val (`--sweep`), test at it and at 0.5 (mcspatnet, muse).
+            Controls: `--ndc_tag T --ndc_override FIELD=VALUE` writes to `ROOT/ndc_T/` (not in the report).
   report    `ROOT/study.md` + `ROOT/study.json` (mean ± std over seeds, per-seed values, wall times) and PNGs in
             `--figures` (loss curves, accuracy / F1 by method).
   all       the five in order.
