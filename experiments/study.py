@@ -364,15 +364,12 @@ def gather(root: pathlib.Path, methods: Sequence[str] = METHODS, seeds: Sequence
       ev = root / "eval" / name / "results.json"
       if ev.exists():
         rec.update(eval_numbers(json.loads(ev.read_text())))
-      sc = root / "ndc" / name / "scores.json"
-      if sc.exists():
-        rec.update(ndc_numbers(json.loads(sc.read_text())))
-      sv = root / "ndc" / name / "scores_valthr.json"
-      if sv.exists():
-        rec.update(ndc_numbers(json.loads(sv.read_text()), "_v"))
-      vs = root / "ndc" / name / "val_sweep.json"
-      if vs.exists():
-        rec["ndc_threshold"] = json.loads(vs.read_text())["best_threshold"]
+      nd = root / "ndc" / name
+      for fname, suffix in (("scores.json", ""), ("scores_valthr.json", "_v")):  # test at 0.5 / at the val threshold
+        if (nd / fname).exists():
+          rec.update(ndc_numbers(json.loads((nd / fname).read_text()), suffix))
+      if (nd / "val_sweep.json").exists():
+        rec["ndc_threshold"] = json.loads((nd / "val_sweep.json").read_text())["best_threshold"]
       if m != "random":
         curve = read_curve(root / "pretrain" / name / "metrics.jsonl")
         if curve:

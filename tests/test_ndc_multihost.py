@@ -13,7 +13,6 @@ from configs import finetune_ndc
 from muse_jax.ndc import train as ndc_train
 
 
-
 def small_config():
   c = finetune_ndc.get_config("tiny")
   c.data.max_samples = 2
