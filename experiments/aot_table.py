@@ -241,7 +241,8 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
     cap = chip.compiler_hbm_bytes
     est = _affine_estimate(fits, cap, g)
     if lo and hi is not None and hi - lo <= g:
-      largest, how = f"**{lo}**", f"compiled: {lo} fits, {hi} does not (granularity {g})"
+      largest, how = f"**{lo}**", f"compiled: {lo} fits, {hi} does not" + (f" (granularity {g})" if hi - lo == g
+                                                                              else "")
     elif lo:
       largest = f">= {lo}"
       state = (f"one compile, no search ({stop_note})" if len(by_b) == 1 else f"search incomplete ({stop_note})")
@@ -281,6 +282,24 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
   return "\n".join(lines + notes) + "\n"
 
 
+def stop_epoch(hhmm: str, now: dt.datetime | None = None) -> float:
+  """The next UTC time `HH:MM` as a POSIX timestamp: today, or tomorrow when that time of day has passed.
+
+  A run started at 22:40 with `--stop_at 01:10` stops after midnight, not at once.
+  """
+  try:
+    hh, mm = (int(x) for x in hhmm.split(":"))
+    if not (0 <= hh < 24 and 0 <= mm < 60):
+      raise ValueError
+  except ValueError:
+    raise SystemExit(f"--stop_at: expected UTC HH:MM (e.g. 01:10), got {hhmm!r}") from None
+  now = now or dt.datetime.now(dt.timezone.utc)
+  t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+  if t <= now:
+    t += dt.timedelta(days=1)
+  return t.timestamp()
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--step", default="pretrain", choices=sorted(CONFIGS))
@@ -300,11 +319,7 @@ def main() -> int:
   p.add_argument("--out", default="-", help="markdown file, or - for stdout")
   p.add_argument("overrides", nargs="*", help="config overrides x.y=value applied to every cell")
   args = p.parse_args()
-  args.stop_epoch = 0.0
-  if args.stop_at:
-    hh, mm = (int(x) for x in args.stop_at.split(":"))
-    now = dt.datetime.now(dt.timezone.utc)
-    args.stop_epoch = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+  args.stop_epoch = stop_epoch(args.stop_at) if args.stop_at else 0.0
   if args.ingest:
     ingest(args.ingest, args.results)
   if not args.render_only:
