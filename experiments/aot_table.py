@@ -206,6 +206,25 @@ def _affine_estimate(fits: list[dict], cap: int, g: int) -> int | None:
   return int((b * (cap - (m - t)) / t) // g) * g if t > 0 else None
 
 
+def _recompute_note(fits: list[dict], lo: int, tol: float = 0.01) -> str:
+  """A note when the compile at `lo` does more FLOPs per sample than the smallest compiled fit (by over `tol`).
+
+  Near the memory limit XLA rematerialises activations to fit: memory then stays just under the limit while the
+  batch grows, and the extra FLOPs show that the fit is bought with recompute (the roofline columns include it).
+  """
+  if not fits or not lo:
+    return ""
+  base = min(fits, key=lambda r: r["batch"])
+  top = next(r for r in fits if r["batch"] == lo)
+  if base["batch"] == lo or not base.get("flops") or not top.get("flops"):
+    return ""
+  extra = (top["flops"] / lo) / (base["flops"] / base["batch"]) - 1.0
+  if extra <= tol:
+    return ""
+  return (f"the compiler recomputes to fit: FLOPs per sample {100 * extra:+.1f}% over batch {base['batch']}, "
+          "memory held near the limit (no affine estimate)")
+
+
 def render(records: list[dict], variants, topologies, step: str, fsdp: int, granularity: int, cmd: str,
            stop_note: str) -> str:
   from muse_jax.tools import tpu_chips  # pylint: disable=import-outside-toplevel
@@ -240,6 +259,9 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
     mesh = " x ".join(f"{k} {val}" for k, val in (recs[-1].get("mesh") or {}).items())
     cap = chip.compiler_hbm_bytes
     est = _affine_estimate(fits, cap, g)
+    remat = _recompute_note(fits, lo)
+    if remat:
+      est = None  # memory that the compiler holds at the limit by recomputing is not affine in the batch
     if lo and hi is not None and hi - lo <= g:
       largest, how = f"**{lo}**", f"compiled: {lo} fits, {hi} does not" + (f" (granularity {g})" if hi - lo == g
                                                                               else "")
@@ -250,6 +272,8 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
              "(an estimate, not compiled)" if est else state)
     else:
       largest, how = f"< {min(by_b)}", "no compiled batch fits"
+    if remat:
+      how += "; " + remat
     srcs = sorted({os.path.basename(os.path.dirname(r["source"])) + "/" + os.path.basename(r["source"])
                    for r in recs if r.get("source")})
     if srcs:

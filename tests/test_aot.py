@@ -295,6 +295,11 @@ def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
   recs.append(dict(recs[0], batch=40, fits=False))
   md = aot_table.render(recs, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
   assert "| **32** |" in md and "compiled: 32 fits, 40 does not" in md
+  assert "recomputes" not in md
+  # Near the limit the compiler rematerialises: more FLOPs per sample, memory flat. Say so; no affine estimate.
+  remat = [dict(recs[0], batch=16, flops=0.5e12), dict(recs[0], batch=24, flops=0.8e12)]
+  md = aot_table.render(remat, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
+  assert "FLOPs per sample +6.7% over batch 16" in md and "predicts" not in md and "| >= 24 |" in md
 
 
 def test_table_driver_stop_at_is_the_next_such_time_of_day():
