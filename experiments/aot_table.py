@@ -259,6 +259,8 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
     mesh = " x ".join(f"{k} {val}" for k, val in (recs[-1].get("mesh") or {}).items())
     cap = chip.compiler_hbm_bytes
     est = _affine_estimate(fits, cap, g)
+    if est is not None and hi is not None:
+      est = min(est, hi - g)  # never above a compiled non-fit
     remat = _recompute_note(fits, lo)
     if remat:
       est = None  # memory that the compiler holds at the limit by recomputing is not affine in the batch

@@ -300,6 +300,11 @@ def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
   remat = [dict(recs[0], batch=16, flops=0.5e12), dict(recs[0], batch=24, flops=0.8e12)]
   md = aot_table.render(remat, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
   assert "FLOPs per sample +6.7% over batch 16" in md and "predicts" not in md and "| >= 24 |" in md
+  # An affine estimate never exceeds a compiled non-fit.
+  line = [dict(recs[0], batch=32, total_bytes=28 * 2**30), dict(recs[0], batch=72, total_bytes=62 * 2**30),
+          dict(recs[0], batch=112, fits=False)]
+  md = aot_table.render(line, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
+  assert "| >= 72 |" in md and "predicts ~104 " in md
 
 
 def test_table_driver_stop_at_is_the_next_such_time_of_day():
