@@ -39,6 +39,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import clock  # pylint: disable=wrong-import-position
+
 VARIANTS = ("vit_s16", "vit_b16", "lfov_vit_b16", "r50")
 TOPOLOGIES = {"v5e:2x4": "v5e-8", "v5p:2x2x1": "v5p-8", "v5p:2x2x4": "v5p-32"}
 CONFIGS = {"pretrain": "configs/pretrain.py", "finetune": "configs/finetune_ndc.py", "predict": "configs/finetune_ndc.py"}
@@ -308,24 +310,6 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
   return "\n".join(lines + notes) + "\n"
 
 
-def stop_epoch(hhmm: str, now: dt.datetime | None = None) -> float:
-  """The next UTC time `HH:MM` as a POSIX timestamp: today, or tomorrow when that time of day has passed.
-
-  A run started at 22:40 with `--stop_at 01:10` stops after midnight, not at once.
-  """
-  try:
-    hh, mm = (int(x) for x in hhmm.split(":"))
-    if not (0 <= hh < 24 and 0 <= mm < 60):
-      raise ValueError
-  except ValueError:
-    raise SystemExit(f"--stop_at: expected UTC HH:MM (e.g. 01:10), got {hhmm!r}") from None
-  now = now or dt.datetime.now(dt.timezone.utc)
-  t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
-  if t <= now:
-    t += dt.timedelta(days=1)
-  return t.timestamp()
-
-
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--step", default="pretrain", choices=sorted(CONFIGS))
@@ -345,7 +329,7 @@ def main() -> int:
   p.add_argument("--out", default="-", help="markdown file, or - for stdout")
   p.add_argument("overrides", nargs="*", help="config overrides x.y=value applied to every cell")
   args = p.parse_args()
-  args.stop_epoch = stop_epoch(args.stop_at) if args.stop_at else 0.0
+  args.stop_epoch = clock.next_utc(args.stop_at, "--stop_at") if args.stop_at else 0.0
   if args.ingest:
     ingest(args.ingest, args.results)
   if not args.render_only:

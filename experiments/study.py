@@ -576,7 +576,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       "optim.backbone_train_mode=True; use with --ndc_tag")
   p.add_argument("--ndc_tag", default="", help="ndc: write the runs to ROOT/ndc_<tag>/ (controls; not in the report)")
   p.add_argument("--jobs", type=int, default=1, help="method/seed chains run at once")
-  p.add_argument("--deadline", default=None, help="HH:MM (UTC today): start no new run after it")
+  p.add_argument("--deadline", default=None, help="HH:MM UTC (the next such time, tomorrow once passed): start no new run after it")
   p.add_argument("--wait_pretrain", action="store_true",
                  help="eval/ndc: wait for each pretraining (run by another driver) to finish")
   p.add_argument("--python", default=sys.executable)
@@ -591,9 +591,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   a.repo = str(pathlib.Path(__file__).resolve().parent.parent)
   a.root = str(pathlib.Path(a.root).resolve())
   if a.deadline:
-    hh, mm = map(int, a.deadline.split(":"))
-    t = time.gmtime()
-    a.deadline = time.mktime((t.tm_year, t.tm_mon, t.tm_mday, hh, mm, 0, 0, 0, 0)) - time.timezone
+    sys.path.insert(0, a.repo)
+    from experiments import clock  # pylint: disable=import-outside-toplevel
+    a.deadline = clock.next_utc(a.deadline, "--deadline")
   if a.stage != "report" and not a.brca:
     p.error("--brca (or MUSE_BRCA_M2C_DIR) is required")
   if a.stage in ("slide", "all") and not a.slide:

@@ -308,11 +308,13 @@ def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
 
 
 def test_table_driver_stop_at_is_the_next_such_time_of_day():
-  """`--stop_at HH:MM` given before midnight for a time after it means tomorrow, not "already passed"."""
+  """`--stop_at` / `study.py --deadline` HH:MM given before midnight for a time after it means tomorrow."""
   import datetime as dt  # pylint: disable=import-outside-toplevel
-  from experiments import aot_table  # pylint: disable=import-outside-toplevel
+  from experiments import clock  # pylint: disable=import-outside-toplevel
   now = dt.datetime(2026, 11, 30, 22, 40, tzinfo=dt.timezone.utc)
-  assert aot_table.stop_epoch("23:10", now) == dt.datetime(2026, 11, 30, 23, 10, tzinfo=dt.timezone.utc).timestamp()
-  assert aot_table.stop_epoch("01:10", now) == dt.datetime(2026, 12, 1, 1, 10, tzinfo=dt.timezone.utc).timestamp()
+  assert clock.next_utc("23:10", now=now) == dt.datetime(2026, 11, 30, 23, 10, tzinfo=dt.timezone.utc).timestamp()
+  assert clock.next_utc("01:10", now=now) == dt.datetime(2026, 12, 1, 1, 10, tzinfo=dt.timezone.utc).timestamp()
   with pytest.raises(SystemExit, match="--stop_at"):
-    aot_table.stop_epoch("25:00", now)
+    clock.next_utc("25:00", now=now)
+  with pytest.raises(SystemExit, match="--deadline"):
+    clock.next_utc("9.30", "--deadline", now)
