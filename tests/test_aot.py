@@ -102,6 +102,27 @@ def test_find_max_batch_from_one_compile_and_known_probes():
   assert best == 293 and calls == []  # already bracketed: nothing to compile
 
 
+def test_find_max_batch_steps_up_from_a_fit_near_the_limit():
+  """Memory falling with the batch near the limit (the compiler recomputes): one step up, not a doubling."""
+  cap = 100_000
+
+  def res(total):
+    return aot.CompileResult(total, 0, 0, 0, 0, 0.0, 0.0, 0.0, None, 0.0)
+  calls = []
+
+  def try_batch(b):
+    calls.append(b)
+    return res(95_000) if b <= 200 else None
+  known = {32: res(20_000), 184: res(99_000), 192: res(95_000)}  # slope <= 0 between the last two
+  best, _, probes = aot.find_max_batch(try_batch, start=32, granularity=8, capacity=cap, known=known)
+  assert calls == [200, 208] and best == 200 and aot._bracketed(probes, best, 8)  # pylint: disable=protected-access
+  # Far from the limit the same flat line still doubles.
+  calls.clear()
+  best, _, _ = aot.find_max_batch(try_batch, start=32, granularity=8, capacity=10 * cap, max_compiles=1,
+                                  known={32: res(20_000), 64: res(20_000)})
+  assert calls == [128]
+
+
 def test_core_package_does_not_load_libtpu():
   """No module but the aot tool mentions libtpu, and using the core (CPU) never loads the libtpu shared library.
 

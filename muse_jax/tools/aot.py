@@ -374,6 +374,10 @@ class SearchStep:
   note: str = ""
 
 
+# A fit using at least this fraction of the chip's usable memory is "near the limit" for `find_max_batch`.
+NEAR_CAPACITY = 0.9
+
+
 def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: int = 8, granularity: int = 1,
                    max_batch: int = 1 << 16, max_compiles: int = 12, capacity: int | None = None,
                    log: Callable[[str], None] | None = None,
@@ -385,7 +389,9 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
   when it does not. The search keeps a verified bracket `lo` (compiled, fits) < `hi` (compiled, does not fit) and
   closes it to `granularity`. Candidates: `start`, then doubling; when `capacity` (bytes) is given and two fitting
   probes are known, the next candidate is where their line (memory is close to affine in the batch) meets the
-  capacity (then the batch just above it, to close the bracket); otherwise bisection. Every answer is a compiled probe, never the
+  capacity (then the batch just above it, to close the bracket); when the line gives nothing (memory flat or
+  falling: the compiler recomputes near the limit) and the largest fit uses >= `NEAR_CAPACITY` of it, one step up;
+  otherwise bisection. Every answer is a compiled probe, never the
   extrapolation itself. The search stops early (returning the best verified batch) after `max_compiles` compiles.
 
   `known` seeds the search with earlier compiles (`{batch: result or None}`, e.g. from a results file), which are
@@ -434,6 +440,10 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
         p = None  # the line is no help any more: bisect
     if p is not None:
       return p
+    if hi is None and capacity is not None and lo and cache[lo].total_bytes >= NEAR_CAPACITY * capacity:
+      # The largest fit is already near the limit and the line gives no prediction (memory flat or falling near
+      # the limit, where the compiler recomputes): one step up, not a doubling, closes the bracket.
+      return lo + g if lo + g <= max_batch else None
     if hi is None:
       return min(2 * lo, max_batch) if lo < max_batch else None
     mid = ((lo + hi) // 2 // g) * g
