@@ -115,7 +115,17 @@ def test_find_max_batch_steps_up_from_a_fit_near_the_limit():
     return res(95_000) if b <= 200 else None
   known = {32: res(20_000), 184: res(99_000), 192: res(95_000)}  # slope <= 0 between the last two
   best, _, probes = aot.find_max_batch(try_batch, start=32, granularity=8, capacity=cap, known=known)
-  assert calls == [200, 208] and best == 200 and aot._bracketed(probes, best, 8)  # pylint: disable=protected-access
+  # Fits near the limit at 184 and 192: the step doubles to 16 (208 does not fit), then bisection (200 fits).
+  assert calls == [208, 200] and best == 200 and aot._bracketed(probes, best, 8)  # pylint: disable=protected-access
+  # The compiler keeps fitting by recomputing: the steps double (192 -> 208 -> 240 -> 304), then bisection.
+  calls.clear()
+
+  def recomputes(b):
+    calls.append(b)
+    return res(95_000) if b <= 240 else None
+  best, _, probes = aot.find_max_batch(recomputes, start=32, granularity=8, capacity=cap, known=dict(known))
+  assert calls == [208, 240, 304, 272, 256, 248] and best == 240
+  assert aot._bracketed(probes, best, 8)  # pylint: disable=protected-access
   # Far from the limit the same flat line still doubles.
   calls.clear()
   best, _, _ = aot.find_max_batch(try_batch, start=32, granularity=8, capacity=10 * cap, max_compiles=1,
