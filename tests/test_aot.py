@@ -126,6 +126,16 @@ def test_find_max_batch_steps_up_from_a_fit_near_the_limit():
   best, _, probes = aot.find_max_batch(recomputes, start=32, granularity=8, capacity=cap, known=dict(known))
   assert calls == [208, 240, 304, 272, 256, 248] and best == 240
   assert aot._bracketed(probes, best, 8)  # pylint: disable=protected-access
+  # Memory nearly flat near the limit: the line points far away (208 + 5650 / 6.25 = 1112); a step up comes first,
+  # and with a far non-fit known the step, not the midpoint, is tried.
+  calls.clear()
+  flat = {192: res(92_000), 200: res(94_300), 208: res(94_350)}
+  best, _, probes = aot.find_max_batch(recomputes, start=32, granularity=8, capacity=cap, known=dict(flat))
+  assert calls[0] == 224 and best == 240 and aot._bracketed(probes, best, 8)  # pylint: disable=protected-access
+  calls.clear()
+  best, _, probes = aot.find_max_batch(recomputes, start=32, granularity=8, capacity=cap,
+                                       known={**flat, 480: None}, max_compiles=1)
+  assert calls == [224]
   # Far from the limit the same flat line still doubles.
   calls.clear()
   best, _, _ = aot.find_max_batch(try_batch, start=32, granularity=8, capacity=10 * cap, max_compiles=1,

@@ -390,8 +390,8 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
   closes it to `granularity`. Candidates: `start`, then doubling; when `capacity` (bytes) is given and two fitting
   probes are known, the next candidate is where their line (memory is close to affine in the batch) meets the
   capacity (then the batch just above it, to close the bracket); when the line gives nothing (memory flat or
-  falling: the compiler recomputes near the limit) and the largest fit uses >= `NEAR_CAPACITY` of it, one step up,
-  then steps doubling while such fits go on; once a non-fit is known, bisection. Every answer is a compiled probe, never the
+  falling: the compiler recomputes near the limit) or points far away, and the largest fit uses >= `NEAR_CAPACITY` of
+  it, the smallest of the line, the midpoint and a step up that doubles while such fits go on; otherwise bisection. Every answer is a compiled probe, never the
   extrapolation itself. The search stops early (returning the best verified batch) after `max_compiles` compiles.
 
   `known` seeds the search with earlier compiles (`{batch: result or None}`, e.g. from a results file), which are
@@ -438,18 +438,21 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
       p = max(p, lo + g)
       if p in cache or (hi is not None and p >= hi) or p > max_batch:
         p = None  # the line is no help any more: bisect
-    if p is not None:
-      return p
-    if hi is None and capacity is not None and lo and cache[lo].total_bytes >= NEAR_CAPACITY * capacity:
-      # The largest fit is already near the limit and the line gives no prediction (memory flat or falling near
-      # the limit, where the compiler recomputes): one step up, not a doubling; while such fits go on, the step
-      # doubles (the compiler can keep trading FLOPs for memory for a while), and the first non-fit is bisected.
+    mid = ((lo + hi) // 2 // g) * g if hi is not None else None
+    if capacity is not None and lo and cache[lo].total_bytes >= NEAR_CAPACITY * capacity:
+      # The largest fit is already near the limit, where the compiler recomputes (memory flat, or even falling, as
+      # the batch grows) and the line is no guide (flat: it points far away or nowhere). Take the smallest of the
+      # line, the midpoint and a galloping step up from the largest fit: one step, doubling while such fits go on
+      # (the compiler can keep trading FLOPs for memory for a while).
       near = sorted(b for b, r in cache.items() if r is not None and r.total_bytes >= NEAR_CAPACITY * capacity)
       step = g if len(near) < 2 else max(g, (2 * (near[-1] - near[-2])) // g * g)
-      return lo + step if lo + step <= max_batch else None
+      options = [b for b in (p, mid, lo + step)
+                 if b is not None and lo < b <= max_batch and (hi is None or b < hi) and b not in cache]
+      return min(options) if options else None
+    if p is not None:
+      return p
     if hi is None:
       return min(2 * lo, max_batch) if lo < max_batch else None
-    mid = ((lo + hi) // 2 // g) * g
     return mid if lo < mid < hi else None
 
   while len(probes) < max_compiles:
