@@ -359,3 +359,40 @@ def test_table_driver_stop_at_is_the_next_such_time_of_day():
     clock.next_utc("25:00", now=now)
   with pytest.raises(SystemExit, match="--deadline"):
     clock.next_utc("9.30", "--deadline", now)
+
+
+def test_table_driver_workers_die_with_the_driver(tmp_path):
+  """A killed `aot_table.py` leaves no worker compiling on: the worker initializer ties the worker to the driver."""
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  driver = tmp_path / "driver.py"
+  driver.write_text(
+      "import concurrent.futures as cf, multiprocessing as mp, os, sys, time\n"
+      f"sys.path.insert(0, {root!r})\n"
+      "from experiments import aot_table\n"
+      "if __name__ == '__main__':\n"
+      "  with cf.ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=aot_table.die_with_parent,\n"
+      "                              initargs=(os.getpid(),)) as ex:\n"
+      "    print(ex.submit(os.getpid).result(), flush=True)\n"
+      "    ex.submit(time.sleep, 120).result()\n")
+  proc = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": root})
+  worker = int(proc.stdout.readline())
+  os.kill(worker, 0)  # alive while the driver is
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 20
+  while time.time() < deadline:
+    try:
+      os.kill(worker, 0)
+      with open(f"/proc/{worker}/stat") as f:
+        if f.read().split(")")[-1].split()[0] == "Z":  # a zombie is dead (its new parent reaps it)
+          break
+    except (ProcessLookupError, FileNotFoundError):
+      break
+    time.sleep(0.2)
+  else:
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived the killed driver")
