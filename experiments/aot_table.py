@@ -240,7 +240,7 @@ def _recompute_note(fits: list[dict], lo: int, tol: float = 0.01) -> str:
 
 def render(records: list[dict], variants, topologies, step: str, fsdp: int, granularity: int, cmd: str,
            stop_note: str) -> str:
-  from muse_jax.tools import tpu_chips  # pylint: disable=import-outside-toplevel
+  from muse_jax.tools import aot, tpu_chips  # pylint: disable=import-outside-toplevel
   head = ("| config | slice (topology) | mesh | compiled per-chip batches (+ fits, - does not) "
           "| largest per-chip batch that fits | GiB/chip there (usable) | FLOPs/chip/step there | roofline ms/step "
           "| est. samples/s, slice (roofline) | est. samples/s (libtpu model) | how obtained |")
@@ -277,6 +277,9 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
     remat = _recompute_note(fits, lo)
     if remat:
       est = None  # memory that the compiler holds at the limit by recomputing is not affine in the batch
+    elif est is not None and lo and by_b[lo]["total_bytes"] >= aot.NEAR_CAPACITY * cap:
+      est = None  # within 10% of the limit memory goes flat or even falls (see the search): the line is no guide
+      remat = "the largest fit is within 10% of the limit, where memory is not affine in the batch (no affine estimate)"
     if lo and hi is not None and hi - lo <= g:
       largest, how = f"**{lo}**", f"compiled: {lo} fits, {hi} does not" + (f" (granularity {g})" if hi - lo == g
                                                                               else "")

@@ -346,6 +346,11 @@ def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
           dict(recs[0], batch=112, fits=False)]
   md = aot_table.render(line, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
   assert "| >= 72 |" in md and "predicts ~104 " in md
+  # A largest fit within 10% of the limit with a nearly flat line (it would point at 472): no affine estimate.
+  flat = [dict(recs[0], batch=200, total_bytes=int(94.31 * 2**30)),
+          dict(recs[0], batch=208, total_bytes=int(94.35 * 2**30)), dict(recs[0], batch=480, fits=False)]
+  md = aot_table.render(flat, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
+  assert "| >= 208 |" in md and "predicts" not in md and "within 10% of the limit" in md
 
 
 def test_table_driver_stop_at_is_the_next_such_time_of_day():
