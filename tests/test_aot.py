@@ -351,6 +351,9 @@ def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
           dict(recs[0], batch=208, total_bytes=int(94.35 * 2**30)), dict(recs[0], batch=480, fits=False)]
   md = aot_table.render(flat, ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8, "cmd", "time budget")
   assert "| >= 208 |" in md and "predicts" not in md and "within 10% of the limit" in md
+  md = aot_table.render(flat + [dict(recs[0], batch=216, fits=False)], ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8,
+                        "cmd", "time budget")
+  assert "| **208** |" in md and "within 10%" not in md  # bracketed: no estimate is wanted, so no note
 
 
 def test_table_driver_stop_at_is_the_next_such_time_of_day():
