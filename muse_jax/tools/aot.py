@@ -389,10 +389,10 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
   when it does not. The search keeps a verified bracket `lo` (compiled, fits) < `hi` (compiled, does not fit) and
   closes it to `granularity`. Candidates: `start`, then doubling; when `capacity` (bytes) is given and two fitting
   probes are known, the next candidate is where their line (memory is close to affine in the batch) meets the
-  capacity (then the batch just above it, to close the bracket); when the line gives nothing (memory flat or
-  falling: the compiler recomputes near the limit) or points far away, and the largest fit uses >= `NEAR_CAPACITY` of
-  it, the smallest of the line, the midpoint and a step up that doubles while such fits go on; otherwise bisection. Every answer is a compiled probe, never the
-  extrapolation itself. The search stops early (returning the best verified batch) after `max_compiles` compiles.
+  capacity (then the batch just above it, to close the bracket); once the largest fit uses >= `NEAR_CAPACITY` of
+  it, where the compiler recomputes and the line goes flat (pointing far away), falls or gives nothing, the smallest
+  of the line, the midpoint and a step up that doubles while such fits go on; otherwise bisection. Every answer is
+  a compiled probe, never the extrapolation itself. The search stops early (returning the best verified batch) after `max_compiles` compiles.
 
   `known` seeds the search with earlier compiles (`{batch: result or None}`, e.g. from a results file), which are
   not compiled again. `one_point=True` (with `capacity`) predicts from a single fitting probe: the line through
