@@ -392,7 +392,8 @@ def find_max_batch(try_batch: Callable[[int], CompileResult | None], *, start: i
   capacity (then the batch just above it, to close the bracket); once the largest fit uses >= `NEAR_CAPACITY` of
   it, where the compiler recomputes and the line goes flat (pointing far away), falls or gives nothing, the smallest
   of the line, the midpoint and a step up that doubles while such fits go on; otherwise bisection. Every answer is
-  a compiled probe, never the extrapolation itself. The search stops early (returning the best verified batch) after `max_compiles` compiles.
+  a compiled probe, never the extrapolation itself. The search stops early (returning the best verified batch)
+  after `max_compiles` compiles.
 
   `known` seeds the search with earlier compiles (`{batch: result or None}`, e.g. from a results file), which are
   not compiled again. `one_point=True` (with `capacity`) predicts from a single fitting probe: the line through
