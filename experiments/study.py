@@ -576,7 +576,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       "optim.backbone_train_mode=True; use with --ndc_tag")
   p.add_argument("--ndc_tag", default="", help="ndc: write the runs to ROOT/ndc_<tag>/ (controls; not in the report)")
   p.add_argument("--jobs", type=int, default=1, help="method/seed chains run at once")
-  p.add_argument("--deadline", default=None, help="HH:MM UTC (the next such time, tomorrow once passed): start no new run after it")
+  p.add_argument("--deadline", default=None,
+                 help="HH:MM UTC (the next such time, tomorrow once passed): start no new run after it")
   p.add_argument("--wait_pretrain", action="store_true",
                  help="eval/ndc: wait for each pretraining (run by another driver) to finish")
   p.add_argument("--python", default=sys.executable)
