@@ -354,6 +354,10 @@ def test_table_driver_reads_reports_and_renders_only_compiled_numbers(tmp_path):
   md = aot_table.render(flat + [dict(recs[0], batch=216, fits=False)], ["vit_s16"], ["v5p:2x2x1"], "pretrain", 1, 8,
                         "cmd", "time budget")
   assert "| **208** |" in md and "within 10%" not in md  # bracketed: no estimate is wanted, so no note
+  # The NDC tables say what one sample is: a fine-tuning field or an inference tile, not a pretraining region.
+  ndc = [dict(r, step="predict", cell=r["cell"].replace("pretrain", "predict")) for r in recs[:2]]
+  md = aot_table.render(ndc, ["vit_s16"], ["v5p:2x2x1"], "predict", 1, 8, "cmd", "time budget")
+  assert "| **32** |" in md and "one sample = one inference tile" in md and "region" not in md
 
 
 def test_table_driver_stop_at_is_the_next_such_time_of_day():
