@@ -280,7 +280,8 @@ def render(records: list[dict], variants, topologies, step: str, fsdp: int, gran
     elif est is not None and lo and by_b[lo]["total_bytes"] >= aot.NEAR_CAPACITY * cap and not (
         hi is not None and hi - lo <= g):  # (a bracketed row needs no estimate, so no note either)
       est = None  # within 10% of the limit memory goes flat or even falls (see the search): the line is no guide
-      remat = "the largest fit is within 10% of the limit, where memory is not affine in the batch (no affine estimate)"
+      remat = (f"the largest fit is within {1 - aot.NEAR_CAPACITY:.0%} of the limit, where memory is not affine in "
+               "the batch (no affine estimate)")
     if lo and hi is not None and hi - lo <= g:
       largest, how = f"**{lo}**", f"compiled: {lo} fits, {hi} does not" + (f" (granularity {g})" if hi - lo == g
                                                                               else "")
