@@ -1,62 +1,223 @@
 """CLI: score prediction files against point labels under the benchmarks' matching rules (`ndc.metrics`).
 
-  python -m muse_jax.score --predictions OUT_DIR --labels LABELS --mpp 0.5 [--modes mcspatnet,muse,ocelot,puma,hungarian]
-      [--class-names lymphocyte,tumor,stromal] [--split test] [--radius-um 3] [--json scores.json]
-      [--score-threshold T | --sweep auto [--select mcspatnet/f_det]]
+  python -m muse_jax.score --predictions OUT_DIR --labels LABELS --mpp 0.5
+      [--modes mcspatnet,muse,ocelot,puma,hungarian]
+      [--class-names lymphocyte,tumor,stromal] [--split test] [--radius-um R | --radius-px R] [--json scores.json]
+      [--score-threshold T | --sweep auto [--select mcspatnet/f_det]] [--mcspatnet-corrected-fn] [--strict]
 
-- predictions: `<stem>.csv` files as written by `python -m muse_jax.predict` (x, y, class name or id, score).
+- predictions: `<stem>.csv` files as written by `python -m muse_jax.predict` (x, y, class name or index, score). A
+  class that is neither a name of `--class-names` nor an index into it is an error naming the file and line.
 - labels: a BRCA-M2C root (`labels/<stem>_gt_class_coords.txt`, rows `y x class` with class 1..3; `--split`
   restricts to `brca_ds_<split>.txt`) or a folder of `<stem>.csv` / `<stem>.geojson` point files (class names
-  from `--class-names`).
+  from `--class-names`). Coordinates of both are read as float64 (each mode then computes in its script's own
+  precision: float32 for ocelot, float64 for the others).
 - every labelled image of the split must have a prediction file (a missing one is an error naming it, because
-  silently skipping images inflates F1); `--missing-as-empty` scores it as "nothing found" instead.
+  silently skipping images inflates F1); `--missing-as-empty` scores it as "nothing found" instead, with a
+  warning. A prediction file with no label file at all (in any split) is a warning; `--strict` makes both kinds of
+  orphan an error.
+- radius: each mode's own radius in px when `--mpp` is its benchmark's (within 10%): mcspatnet 6 px (d < r, as
+  its KDTree query), muse 12 px (<=), ocelot 15 px (<=), puma 15 px (d < r); otherwise 3 µm. `--radius-um` or
+  `--radius-px` sets one radius for every mode. The radius each mode used is printed in px and µm.
+- mcspatnet: the published script counts 6 x #GT (not #GT) as FN for a class map (or the all-cells map) of an
+  image without predictions; the published BRCA-M2C numbers include this, so it is applied by default and said
+  so; `--mcspatnet-corrected-fn` gives the corrected count. `--json` holds both.
 - `--score-threshold T` drops predictions scoring below T before matching (predict once with a low threshold, then
   score at several). `--threshold-from sweep.json` takes the threshold chosen by an earlier `--sweep ... --json`.
 - `--sweep auto` (0.05, 0.10, ..., 0.95) or `--sweep 0.3,0.5,0.7` scores at every threshold and reports the one that
   maximises `--select` (`MODE/f_det` or `MODE/f_mean`; ties go to the lower threshold). Choose the threshold on the
   validation split this way, then score the test split at it with `--score-threshold` (choosing it on test inflates F1).
-Prints a Markdown table (F1 in %) and writes all numbers to `--json` when given.
+Prints a Markdown table (F1 in %; 'undefined' where a benchmark defines none, e.g. puma with no points), one line per
+mode on how it matched (radius, comparison, precision, tie rule, the MCSpatNet FN quirk), and writes all numbers to
+`--json` when given (per mode: radius in px and µm, the tie rule, whether the FN quirk was applied; null = undefined).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import pathlib
 import sys
+import warnings
+
+import numpy as np
 
 from muse_jax.ndc import metrics as metrics_lib
 
 BRCA_SUFFIX = "_gt_class_coords.txt"
+LABEL_SUFFIXES = (".csv", ".tsv", ".geojson", ".json")
+CLASS_COLUMNS = ("class", "label", "classification", "class_name", "name", "type")
 
 
-def _labels(labels: pathlib.Path, split: str | None, class_names: list[str]) -> dict[str, dict]:
+# ------------------------------------------------------------------------------------------------ readers (float64)
+
+
+def _number(text: str, where: str, what: str) -> float:
+  try:
+    v = float(text)
+  except (TypeError, ValueError):
+    raise ValueError(f"{where}: {what} {text!r} is not a number") from None
+  if not math.isfinite(v):
+    raise ValueError(f"{where}: {what} {text!r} is not finite")
+  return v
+
+
+def _class_index(name: str | None, class_names: list[str], where: str, *, allow_unknown: bool) -> int:
+  """Index of a class given by name (case-insensitive) or by index into `class_names`; -1 for an empty GT class."""
+  key = "" if name is None else str(name).strip()
+  if not key and allow_unknown:
+    return -1
+  low = {n.lower(): i for i, n in enumerate(class_names)}
+  if key.lower() in low:
+    return low[key.lower()]
+  try:
+    i = int(key)
+  except ValueError:
+    i = -1
+  if 0 <= i < len(class_names):
+    return i
+  raise ValueError(f"{where}: class {key!r} is not one of {class_names} (or an index 0..{len(class_names) - 1})")
+
+
+def read_predictions(path: str | pathlib.Path, class_names: list[str]) -> dict[str, np.ndarray]:
+  """Reads a prediction CSV (header `x,y,class[,score]`; score 1 when absent) in float64.
+
+  Returns:
+    `{'points': [K,2] float64 (x, y) px, 'classes': [K] int64, 'scores': [K] float64}`.
+
+  Raises:
+    ValueError: naming `file:line` for a missing column, a bad number or a class outside `class_names`.
+  """
+  pts, cls, sc = [], [], []
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    missing = {"x", "y", "class"} - set(reader.fieldnames or [])
+    if missing:
+      raise ValueError(f"{path}:1: missing columns {sorted(missing)}; expected header x,y,class[,score]")
+    for row in reader:
+      where = f"{path}:{reader.line_num}"
+      pts.append((_number(row["x"], where, "x"), _number(row["y"], where, "y")))
+      cls.append(_class_index(row["class"], class_names, where, allow_unknown=False))
+      s = row.get("score")
+      sc.append(1.0 if s is None or not s.strip() else _number(s, where, "score"))
+  return {"points": np.asarray(pts, np.float64).reshape(-1, 2), "classes": np.asarray(cls, np.int64),
+          "scores": np.asarray(sc, np.float64)}
+
+
+def _read_brca(path: pathlib.Path, class_names: list[str]) -> dict[str, np.ndarray]:
+  """BRCA-M2C label rows `y x class` (class 1..C)."""
+  pts, cls = [], []
+  for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    s = line.strip()
+    if not s or s.startswith("#"):
+      continue
+    parts, where = s.replace(",", " ").split(), f"{path}:{lineno}"
+    if len(parts) != 3:
+      raise ValueError(f'{where}: expected three numbers "y x class", got {s!r}')
+    y, x, c = (_number(v, where, "value") for v in parts)
+    if c != int(c) or not 1 <= c <= len(class_names):
+      raise ValueError(f"{where}: class {parts[2]!r} is not one of 1..{len(class_names)} ({class_names})")
+    pts.append((x, y))
+    cls.append(int(c) - 1)
+  return {"points": np.asarray(pts, np.float64).reshape(-1, 2), "classes": np.asarray(cls, np.int64)}
+
+
+def _read_label_csv(path: pathlib.Path, class_names: list[str]) -> dict[str, np.ndarray]:
+  """CSV/TSV label points: a header with `x`, `y` and an optional class column, or rows `x,y[,class]`."""
+  text = path.read_text(encoding="utf-8-sig")
+  lines = text.splitlines()
+  delim = "\t" if path.suffix.lower() == ".tsv" or (lines and "\t" in lines[0]) else ","
+  rows = list(csv.reader(lines, delimiter=delim))
+  ix, iy, ic, start = 0, 1, 2, 0
+  if rows and rows[0]:
+    head = [h.strip().lower() for h in rows[0]]
+    try:
+      [float(h) for h in head[:2]]
+    except ValueError:
+      if "x" not in head or "y" not in head:
+        raise ValueError(f'{path}:1: header {rows[0]} has no "x" and "y" columns') from None
+      ix, iy = head.index("x"), head.index("y")
+      ic = next((head.index(k) for k in CLASS_COLUMNS if k in head), None)
+      start = 1
+  pts, cls = [], []
+  for lineno, row in enumerate(rows[start:], start + 1):
+    if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+      continue
+    where = f"{path}:{lineno}"
+    if max(ix, iy) >= len(row):
+      raise ValueError(f"{where}: expected numbers in columns x, y; got {row}")
+    pts.append((_number(row[ix], where, "x"), _number(row[iy], where, "y")))
+    name = row[ic] if ic is not None and ic < len(row) else None
+    cls.append(_class_index(name, class_names, where, allow_unknown=True))
+  return {"points": np.asarray(pts, np.float64).reshape(-1, 2), "classes": np.asarray(cls, np.int64)}
+
+
+def _read_label_geojson(path: pathlib.Path, class_names: list[str]) -> dict[str, np.ndarray]:
+  """GeoJSON label points (QuPath): Point/MultiPoint as given, Polygon/MultiPolygon by the centroid of the
+  (largest) outer ring, as `data.readers.read_points_geojson` takes them."""
+  from muse_jax.data import readers  # pylint: disable=import-outside-toplevel
+
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+  feats = data.get("features", [data]) if isinstance(data, dict) else data
+  pts, cls = [], []
+  for i, f in enumerate(feats):
+    where = f"{path}:feature {i}"
+    geom = (f or {}).get("geometry") or {}
+    gtype, gc = geom.get("type"), geom.get("coordinates")
+    try:
+      if gtype == "Point":
+        xy = [gc[:2]]
+      elif gtype == "MultiPoint":
+        xy = [p[:2] for p in gc]
+      elif gtype == "Polygon":
+        xy = [readers._polygon_centroid(gc[0])]  # pylint: disable=protected-access
+      elif gtype == "MultiPolygon":
+        xy = [readers._polygon_centroid(max(gc, key=lambda poly: len(poly[0]))[0])]  # pylint: disable=protected-access
+      else:
+        raise ValueError(f"{where}: geometry type {gtype!r} not supported (Point, MultiPoint, Polygon, MultiPolygon)")
+      xy = [(_number(p[0], where, "x"), _number(p[1], where, "y")) for p in xy]
+    except (TypeError, IndexError, KeyError):
+      raise ValueError(f"{where}: malformed {gtype} coordinates") from None
+    name = readers._feature_class(f.get("properties"))  # pylint: disable=protected-access
+    c = _class_index(name, class_names, where, allow_unknown=True)
+    pts += xy
+    cls += [c] * len(xy)
+  return {"points": np.asarray(pts, np.float64).reshape(-1, 2), "classes": np.asarray(cls, np.int64)}
+
+
+def _labels(labels: pathlib.Path, split: str | None, class_names: list[str]) -> tuple[dict[str, dict], set[str]]:
+  """The labels of the split's images (by stem) and the stems of every label file there (any split)."""
   from muse_jax.data import readers  # pylint: disable=import-outside-toplevel
 
   out = {}
   if (labels / "labels").is_dir() and any((labels / "labels").glob("*" + BRCA_SUFFIX)):
-    names = readers.brca_split_names(labels, split) if split else [
-      p.name[:-len(BRCA_SUFFIX)] + ".png" for p in sorted((labels / "labels").glob("*" + BRCA_SUFFIX))]
+    every = {p.name[:-len(BRCA_SUFFIX)] for p in (labels / "labels").glob("*" + BRCA_SUFFIX)}
+    names = readers.brca_split_names(labels, split) if split else [s + ".png" for s in sorted(every)]
     for n in names:
       stem = pathlib.Path(n).stem
-      xy, cls = readers.read_brca_labels(labels / "labels" / (stem + BRCA_SUFFIX))
-      out[stem] = {"points": xy, "classes": cls}
-    return out
+      out[stem] = _read_brca(labels / "labels" / (stem + BRCA_SUFFIX), class_names)
+    return out, every
   if split:
     raise ValueError(f"--split: {labels} is not a BRCA-M2C root (no labels/*{BRCA_SUFFIX})")
-  cmap = {n: i for i, n in enumerate(class_names)}
-  files = sorted(p for p in labels.iterdir() if p.suffix.lower() in (".csv", ".tsv", ".geojson", ".json"))
+  files = sorted(p for p in labels.iterdir() if p.suffix.lower() in LABEL_SUFFIXES)
   files += sorted(p for p in labels.glob("*" + BRCA_SUFFIX))
   for p in files:
     if p.name.endswith(BRCA_SUFFIX):
-      xy, cls = readers.read_brca_labels(p)
-      out[p.name[:-len(BRCA_SUFFIX)]] = {"points": xy, "classes": cls}
+      out[p.name[:-len(BRCA_SUFFIX)]] = _read_brca(p, class_names)
+    elif p.suffix.lower() in (".csv", ".tsv"):
+      out[p.stem] = _read_label_csv(p, class_names)
     else:
-      xy, cls = readers.read_points(p, cmap)
-      out[p.stem] = {"points": xy, "classes": cls}
+      out[p.stem] = _read_label_geojson(p, class_names)
   if not out:
     raise FileNotFoundError(f"--labels: no label files in {labels}")
-  return out
+  return out, set(out)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
 
 
 def _check_threshold(t: float, name: str) -> float:
@@ -94,57 +255,82 @@ def _evaluate_at(preds: list[dict], gts: list[dict], threshold: float | None, mo
 
 
 def score(predictions: str, labels: str, *, mpp: float, modes: list[str], class_names: list[str],
-          split: str | None = None, radius_um: float = 3.0, missing_as_empty: bool = False,
+          split: str | None = None, radius_um: float | None = None, radius_px: float | None = None,
+          mcspatnet_fn_quirk: bool = True, missing_as_empty: bool = False, strict: bool = False,
           score_threshold: float | None = None) -> list[dict]:
   """Scores every labelled image; returns one `metrics.evaluate` result per mode.
 
+  `radius_um`/`radius_px`: one radius for every mode (default: each mode's own, see `metrics.resolve_radius`).
   `score_threshold`: predictions scoring below it are dropped first (None: all predictions count).
   """
   if score_threshold is not None:
     score_threshold = _check_threshold(score_threshold, "score_threshold")
-  preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty)
-  return _evaluate_at(preds, gts, score_threshold, modes, class_names=class_names, mpp=mpp, radius_um=radius_um)
+  preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty,
+                    strict=strict)
+  return _evaluate_at(preds, gts, score_threshold, modes, class_names=class_names, mpp=mpp, radius_um=radius_um,
+                      radius_px=radius_px, mcspatnet_fn_quirk=mcspatnet_fn_quirk)
+
+
+def _metric(r: dict, metric: str) -> float:
+  v = r["detection"]["f1"] if metric == "f_det" else r["mean_f1"]
+  return -math.inf if v is None else v
 
 
 def sweep(predictions: str, labels: str, *, mpp: float, modes: list[str], class_names: list[str],
           thresholds: list[float], select: str = "mcspatnet/f_det", split: str | None = None,
-          radius_um: float = 3.0, missing_as_empty: bool = False) -> dict:
+          radius_um: float | None = None, radius_px: float | None = None, mcspatnet_fn_quirk: bool = True,
+          missing_as_empty: bool = False, strict: bool = False) -> dict:
   """Scores at every threshold; returns {'thresholds', 'select', 'best_threshold', 'best', 'results'}.
 
   `results[i]` is the per-mode list at `thresholds[i]`; `best` is the list at the threshold maximising `select`
-  (`MODE/f_det` or `MODE/f_mean`, MODE one of `modes`; the lowest threshold wins ties).
+  (`MODE/f_det` or `MODE/f_mean`, MODE one of `modes`; the lowest threshold wins ties; undefined values lose).
   """
   mode, _, metric = select.partition("/")
   if mode not in modes or metric not in ("f_det", "f_mean"):
     raise ValueError(f"--select: got {select!r}, expected MODE/f_det or MODE/f_mean with MODE in {modes}")
-  preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty)
-  results = [_evaluate_at(preds, gts, t, modes, class_names=class_names, mpp=mpp, radius_um=radius_um)
-             for t in thresholds]
-  key = (lambda r: r["detection"]["f1"]) if metric == "f_det" else (lambda r: r["mean_f1"])
-  vals = [key(res[modes.index(mode)]) for res in results]
+  preds, gts = load(predictions, labels, class_names=class_names, split=split, missing_as_empty=missing_as_empty,
+                    strict=strict)
+  results = [_evaluate_at(preds, gts, t, modes, class_names=class_names, mpp=mpp, radius_um=radius_um,
+                          radius_px=radius_px, mcspatnet_fn_quirk=mcspatnet_fn_quirk) for t in thresholds]
+  vals = [_metric(res[modes.index(mode)], metric) for res in results]
   best = int(max(range(len(vals)), key=lambda i: (vals[i], -i)))
   return {"thresholds": list(thresholds), "select": select, "best_threshold": thresholds[best],
           "best": results[best], "results": results}
 
 
 def load(predictions: str, labels: str, *, class_names: list[str], split: str | None = None,
-         missing_as_empty: bool = False) -> tuple[list[dict], list[dict]]:
-  """Reads the prediction CSVs and the labels of every labelled image (same order)."""
-  from muse_jax import outputs  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+         missing_as_empty: bool = False, strict: bool = False) -> tuple[list[dict], list[dict]]:
+  """Reads the prediction CSVs and the labels of every labelled image of the split (same order), in float64.
 
-  pred_dir, lab = pathlib.Path(predictions), _labels(pathlib.Path(labels), split, class_names)
-  preds, gts = [], []
+  A labelled image without a prediction file is an error (`missing_as_empty`: scored as 'nothing found', with a
+  warning); a prediction file without any label file is a warning. `strict`: both are errors.
+  """
+  if strict and missing_as_empty:
+    raise ValueError("--strict and --missing-as-empty: give at most one")
+  pred_dir = pathlib.Path(predictions)
+  lab, every = _labels(pathlib.Path(labels), split, list(class_names))
+  orphans = sorted(p.name for p in pred_dir.glob("*.csv") if p.stem not in every)
+  if orphans:
+    msg = (f"--predictions: {len(orphans)} prediction file(s) in {pred_dir} have no label file in {labels} and are "
+           f"not scored: {', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''}")
+    if strict:
+      raise ValueError(msg)
+    warnings.warn(msg, stacklevel=2)
+  preds, gts, filled = [], [], []
   for stem, gt in lab.items():
     f = pred_dir / f"{stem}.csv"
     if f.exists():
-      preds.append(outputs.read_points_csv(f, class_names))
+      preds.append(read_predictions(f, list(class_names)))
     elif missing_as_empty:
-      preds.append({"points": np.zeros((0, 2)), "classes": np.zeros(0, int), "scores": np.zeros(0)})
+      preds.append({"points": np.zeros((0, 2)), "classes": np.zeros(0, np.int64), "scores": np.zeros(0)})
+      filled.append(stem)
     else:
       raise FileNotFoundError(f"--predictions: no {f.name} in {pred_dir} for labelled image {stem!r} "
                               "(pass --missing-as-empty to score it as 'nothing found')")
     gts.append(gt)
+  if filled:
+    warnings.warn(f"--missing-as-empty: {len(filled)} labelled image(s) have no prediction file and count as "
+                  f"'nothing found': {', '.join(filled[:5])}{' ...' if len(filled) > 5 else ''}", stacklevel=2)
   return preds, gts
 
 
@@ -156,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--modes", default="mcspatnet,muse")
   ap.add_argument("--class-names", default="lymphocyte,tumor,stromal")
   ap.add_argument("--split", default=None)
-  ap.add_argument("--radius-um", type=float, default=metrics_lib.DEFAULT_RADIUS_UM)
+  rad = ap.add_mutually_exclusive_group()
+  rad.add_argument("--radius-um", type=float, default=None,
+                   help="one matching radius in µm for every mode (default: each benchmark's own, else 3 µm)")
+  rad.add_argument("--radius-px", type=float, default=None, help="one matching radius in px for every mode")
+  ap.add_argument("--mcspatnet-corrected-fn", action="store_true",
+                  help="mcspatnet: count #GT, not the published script's 6 x #GT, as FN for a map without predictions")
   ap.add_argument("--missing-as-empty", action="store_true")
+  ap.add_argument("--strict", action="store_true",
+                  help="a labelled image without predictions or a prediction file without labels is an error")
   ap.add_argument("--score-threshold", type=float, default=None,
                   help="drop predictions scoring below this before matching")
   ap.add_argument("--threshold-from", default=None,
@@ -168,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
   args = ap.parse_args(argv)
   if sum(x is not None for x in (args.sweep, args.score_threshold, args.threshold_from)) > 1:
     ap.error("--sweep, --score-threshold, --threshold-from: give at most one")
+  if args.strict and args.missing_as_empty:
+    ap.error("--strict, --missing-as-empty: give at most one")
   if args.threshold_from is not None:
     try:
       args.score_threshold = float(json.loads(pathlib.Path(args.threshold_from).read_text())["best_threshold"])
@@ -179,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.error(f"--modes: unknown {bad}; expected some of {metrics_lib.MODES}")
   names = [n.strip() for n in args.class_names.split(",")]
   common = dict(mpp=args.mpp, modes=modes, class_names=names, split=args.split, radius_um=args.radius_um,
-                missing_as_empty=args.missing_as_empty)
+                radius_px=args.radius_px, mcspatnet_fn_quirk=not args.mcspatnet_corrected_fn,
+                missing_as_empty=args.missing_as_empty, strict=args.strict)
   try:
     if args.sweep is not None:
       res = sweep(args.predictions, args.labels, thresholds=parse_sweep(args.sweep), select=args.select, **common)
@@ -191,16 +387,19 @@ def main(argv: list[str] | None = None) -> int:
     mode, _, metric = args.select.partition("/")
     print(f"| threshold | {args.select} (%) |\n|---|---|")
     for t, r in zip(res["thresholds"], res["results"]):
-      x = r[modes.index(mode)]
-      v = x["detection"]["f1"] if metric == "f_det" else x["mean_f1"]
-      print(f"| {t:.2f} | {100 * v:.2f} |")
+      v = _metric(r[modes.index(mode)], metric)
+      print(f"| {t:.2f} | {'undefined' if v == -math.inf else f'{100 * v:.2f}'} |")
     print(f"\nbest threshold {res['best_threshold']:.2f} (by {args.select}):")
-    print(metrics_lib.format_table(res["best"]))
+    shown = res["best"]
   else:
-    print(metrics_lib.format_table(res))
+    shown = res
+  print(metrics_lib.format_table(shown))
+  print()
+  for r in shown:
+    print("- " + metrics_lib.describe(r))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
+      json.dump(res, f, indent=2, allow_nan=False)
   return 0
 
 

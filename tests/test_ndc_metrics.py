@@ -23,7 +23,9 @@ PR1 = _set(np.zeros((0, 2)), [], [])
 
 @pytest.mark.parametrize("mode", ["muse", "ocelot", "hungarian", "mcspatnet"])
 def test_pooled_modes_known_counts(mode):
-  r = metrics.evaluate([PR0, PR1], [GT0, GT1], mode=mode, class_names=["a", "b"], radius_px=6.0)
+  # mcspatnet with the corrected FN count here; the published script's count is checked below.
+  kw = {"mcspatnet_fn_quirk": False} if mode == "mcspatnet" else {}
+  r = metrics.evaluate([PR0, PR1], [GT0, GT1], mode=mode, class_names=["a", "b"], radius_px=6.0, **kw)
   det = r["detection"]
   assert (det["tp"], det["fp"], det["fn"]) == (2, 1, 2)
   a, b = r["classes"]["a"], r["classes"]["b"]
@@ -35,6 +37,16 @@ def test_pooled_modes_known_counts(mode):
   assert a["f1"] == pytest.approx(2 / 3, abs=1e-4)
   assert b["f1"] == pytest.approx(0.0, abs=1e-4)
   assert r["mean_f1"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_mcspatnet_published_fn_count():
+  # Image 1 has no predictions at all: the published MCSpatNet script adds 6 x #GT (not #GT) to FN for its
+  # all-cells map and for its class-b map.
+  r = metrics.evaluate([PR0, PR1], [GT0, GT1], mode="mcspatnet", class_names=["a", "b"], radius_px=6.0)
+  assert r["fn_quirk_applied"]
+  assert (r["detection"]["tp"], r["detection"]["fp"], r["detection"]["fn"]) == (2, 1, 1 + 6)
+  assert (r["classes"]["b"]["tp"], r["classes"]["b"]["fp"], r["classes"]["b"]["fn"]) == (0, 1, 2 + 6)
+  assert (r["classes"]["a"]["tp"], r["classes"]["a"]["fp"], r["classes"]["a"]["fn"]) == (1, 1, 0)
 
 
 def test_radius_from_mpp():
