@@ -31,7 +31,8 @@ def main(argv):
   distributed.initialize_from_flags(_DIST)
   from muse_jax.pretrain import train  # pylint: disable=import-outside-toplevel
   out = train.run(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps({k: v for k, v in out.items() if k != "last_metrics"}), flush=True)
+  print(json.dumps({k: v for k, v in out.items() if k not in ("last_metrics", "health")}), flush=True)
+  print(out["health"]["line"], flush=True)
 
 
 if __name__ == "__main__":

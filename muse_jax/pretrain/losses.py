@@ -158,6 +158,49 @@ def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Arr
   }
 
 
+def head_health(teacher_logits: jax.Array, student_logits: jax.Array | None, center: jax.Array, teacher_temp,
+                student_temp, weights: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Collapse diagnostics of one head on matched teacher / student outputs (all float32 scalars).
+
+  Args:
+    teacher_logits: [N, K] raw teacher logits (not centred), one row per sample (image view or nucleus).
+    student_logits: [N, K] student logits of the SAME samples (same view), or None (then `kl` is omitted).
+    center: [K] the teacher center used by the loss.
+    teacher_temp, student_temp: the loss temperatures.
+    weights: [N] sample weights (0 for padding); None = all ones.
+
+  Returns:
+    `teacher_entropy` (mean per-sample entropy of the centred, sharpened teacher distribution, nats; ln K = uniform),
+    `batch_entropy` (entropy of the weighted batch-mean teacher distribution; ~0 = every sample on one prototype),
+    `kl` (mean KL(teacher || student) on the same samples, nats), `max_prob` (mean of the teacher's largest
+    probability), `logit_std` (std of the raw teacher logits across samples, averaged over prototypes; compare it
+    with the temperature), `center_norm` (L2 norm of the center).
+  """
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  n = t.shape[0]
+  w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+  wsum = jnp.maximum(w.sum(), 1.0)
+  log_p_t = jax.nn.log_softmax((t - center) / teacher_temp, axis=-1)
+  p_t = jnp.exp(log_p_t)
+  ent = -jnp.sum(p_t * log_p_t, axis=-1)
+  mean_p = jnp.einsum("n,nk->k", w, p_t) / wsum
+  batch_ent = -jnp.sum(mean_p * jnp.log(jnp.maximum(mean_p, 1e-30)))
+  mu = jnp.einsum("n,nk->k", w, t) / wsum
+  var = jnp.einsum("n,nk->k", w, (t - mu) ** 2) / wsum
+  out = {
+      "teacher_entropy": jnp.sum(w * ent) / wsum,
+      "batch_entropy": batch_ent,
+      "max_prob": jnp.sum(w * p_t.max(-1)) / wsum,
+      "logit_std": jnp.mean(jnp.sqrt(var)),
+      "center_norm": jnp.linalg.norm(center.astype(jnp.float32)),
+  }
+  if student_logits is not None:
+    log_p_s = jax.nn.log_softmax(jax.lax.stop_gradient(student_logits.astype(jnp.float32)) / student_temp, axis=-1)
+    kl = jnp.sum(p_t * (log_p_t - log_p_s), axis=-1)
+    out["kl"] = jnp.sum(w * kl) / wsum
+  return out
+
+
 def update_center(center: jax.Array, batch_mean: jax.Array, momentum: float, has_data=True) -> jax.Array:
   """Center EMA `c <- m c + (1 - m) mean`; kept unchanged where `has_data` is False. Shapes [K]."""
   new = momentum * center + (1.0 - momentum) * jax.lax.stop_gradient(batch_mean)

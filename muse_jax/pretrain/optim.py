@@ -5,6 +5,7 @@ ema_teacher(momentum))`. All schedules are functions of the optimizer step.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -40,19 +41,62 @@ class Schedules(NamedTuple):
   teacher_temp: Schedule
 
 
+def momentum_for_half_life(half_life_steps: float) -> float:
+  """The EMA momentum `m` with `m ** half_life_steps = 1/2`: the teacher forgets half of its past in that many steps."""
+  if not half_life_steps > 0:
+    raise ValueError(f"teacher half-life must be > 0 steps (got {half_life_steps})")
+  return float(0.5 ** (1.0 / half_life_steps))
+
+
+def half_life_of(momentum: float) -> float:
+  """Steps for an EMA of constant `momentum` to forget half of its past (inf for momentum 1)."""
+  return math.inf if momentum >= 1.0 else math.log(0.5) / math.log(momentum)
+
+
+def _opt(opt_cfg, name: str, default: float = -1.0) -> float:
+  return float(opt_cfg[name]) if name in opt_cfg else default
+
+
+def schedule_steps(opt_cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
+  """The run-length-dependent numbers of the schedules, resolved to steps.
+
+  Each warm-up or freeze is `<name>_frac * total_steps` when that fraction field is >= 0 (run-length-aware configs),
+  else `<name>_epochs * steps_per_epoch` (DINO's epoch-based fields, the default of the full-size configs). The
+  starting teacher momentum is `momentum_for_half_life(teacher_half_life_frac * total_steps)` when
+  `teacher_half_life_frac > 0`, else `momentum_teacher`.
+
+  Returns:
+    {'warmup_steps', 'teacher_temp_warmup_steps', 'freeze_last_layer_steps', 'momentum_teacher',
+    'teacher_half_life_steps'} (the half-life of the starting momentum, for the record).
+  """
+  def steps(name: str, epochs_field: str) -> int:
+    frac = _opt(opt_cfg, name)
+    if frac >= 0:
+      return int(round(frac * total_steps))
+    return int(round(float(opt_cfg[epochs_field]) * steps_per_epoch))
+
+  hl = _opt(opt_cfg, "teacher_half_life_frac", 0.0)
+  mom = momentum_for_half_life(max(hl * total_steps, 1.0)) if hl > 0 else float(opt_cfg.momentum_teacher)
+  return {"warmup_steps": steps("warmup_frac", "warmup_epochs"),
+          "teacher_temp_warmup_steps": steps("warmup_teacher_temp_frac", "warmup_teacher_temp_epochs"),
+          "freeze_last_layer_steps": steps("freeze_last_layer_frac", "freeze_last_layer_epochs"),
+          "momentum_teacher": mom, "teacher_half_life_steps": half_life_of(mom)}
+
+
 def make_schedules(opt_cfg: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int,
                    global_batch: int) -> Schedules:
-  """Schedules from the `optim` config block.
+  """Schedules from the `optim` config block (lengths from `schedule_steps`).
 
   The peak learning rate is `base_lr * global_batch / 256` (DINO linear scaling) when `opt_cfg.scale_lr` is True.
   """
   from muse_jax.pretrain import losses  # local import keeps module import order simple
+  st = schedule_steps(opt_cfg, steps_per_epoch, total_steps)
   peak = opt_cfg.base_lr * (global_batch / 256.0 if opt_cfg.scale_lr else 1.0)
-  lr = warmup_cosine(peak, opt_cfg.min_lr, total_steps, int(round(opt_cfg.warmup_epochs * steps_per_epoch)))
+  lr = warmup_cosine(peak, opt_cfg.min_lr, total_steps, st["warmup_steps"])
   wd = warmup_cosine(opt_cfg.weight_decay, opt_cfg.weight_decay_end, total_steps)
-  mom = warmup_cosine(opt_cfg.momentum_teacher, opt_cfg.momentum_teacher_end, total_steps)
+  mom = warmup_cosine(st["momentum_teacher"], opt_cfg.momentum_teacher_end, total_steps)
   tt = losses.teacher_temperature_schedule(opt_cfg.warmup_teacher_temp, opt_cfg.teacher_temp,
-                                           int(round(opt_cfg.warmup_teacher_temp_epochs * steps_per_epoch)))
+                                           st["teacher_temp_warmup_steps"])
   return Schedules(lr, wd, mom, tt)
 
 
@@ -88,7 +132,8 @@ def freeze_for(mask, steps: int) -> optax.GradientTransformation:
 
 
 def build_optimizer(opt_cfg: ml_collections.ConfigDict, params, schedules: Schedules,
-                    steps_per_epoch: int, last_layer_name: str = "last_layer") -> optax.GradientTransformation:
+                    steps_per_epoch: int, last_layer_name: str = "last_layer",
+                    total_steps: int = 0) -> optax.GradientTransformation:
   """The full chain; the EMA teacher is last.
 
   Args:
@@ -96,9 +141,10 @@ def build_optimizer(opt_cfg: ml_collections.ConfigDict, params, schedules: Sched
     params: student params (used only for masks; shapes/paths).
     schedules: from `make_schedules`.
     steps_per_epoch: optimizer steps per epoch (for the frozen-last-layer period).
+    total_steps: the run's length (for `freeze_last_layer_frac`; unused when that field is < 0).
     last_layer_name: module name of the heads' last layer (frozen for `freeze_last_layer_epochs`).
   """
-  freeze_steps = int(round(opt_cfg.freeze_last_layer_epochs * steps_per_epoch))
+  freeze_steps = schedule_steps(opt_cfg, steps_per_epoch, total_steps)["freeze_last_layer_steps"]
   last = last_layer_mask(params, last_layer_name)
   parts = []
   if opt_cfg.clip_grad and opt_cfg.clip_grad > 0:

@@ -102,6 +102,10 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
     l_img = losses.dino_loss(t_cls, s_cls, centers["cls"], teacher_temp, student_temp)
     loss = loss + w_img * l_img
     metrics["loss_image"] = l_img
+    k_cls = t_cls.shape[-1]
+    health = losses.head_health(t_cls.reshape(vg * b, k_cls), s_cls[:vg].reshape(vg * b, k_cls), centers["cls"],
+                                teacher_temp, student_temp)
+    metrics.update({f"image_{k}": v for k, v in health.items()})
     new_centers["cls"] = losses.update_center(centers["cls"], t_cls.astype(jnp.float32).mean(axis=(0, 1)),
                                               config.optim.center_momentum)
   if nets.nu_head is not None:
@@ -116,6 +120,12 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
     nu = losses.nulo_loss(t_nu, [g["ids"][:, i] for i in range(vg)], [g["mask"][:, i] for i in range(vg)],
                           s_nu, s_ids, s_mask, centers["nu"], teacher_temp, student_temp)
     loss = loss + w_nu * nu["loss"]
+    k_nu = t_nu[0].shape[-1]
+    health = losses.head_health(
+        jnp.concatenate([x.reshape(-1, k_nu) for x in t_nu]),
+        jnp.concatenate([x.reshape(-1, k_nu) for x in s_nu[:vg]]), centers["nu"], teacher_temp, student_temp,
+        weights=jnp.concatenate([g["mask"][:, i].reshape(-1) for i in range(vg)]))
+    metrics.update({f"nu_{k}": v for k, v in health.items()})
     metrics["loss_nu"] = nu["loss"]
     metrics["shared_nuclei"] = nu["shared"]
     metrics["valid_pairs"] = nu["valid_frac"]
@@ -126,6 +136,18 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
   aux = {"batch_stats": {"backbone": s_bs}, "teacher_batch_stats": {"backbone": t_bs},
          "centers": new_centers, "metrics": metrics}
   return loss, aux
+
+
+def teacher_student_distance(teacher_params, student_params) -> jax.Array:
+  """Relative L2 distance `||teacher - student|| / ||student||` over all leaves (float32 scalar).
+
+  Near 0 for the whole run means the EMA teacher is a copy of the student (momentum too low); a teacher that stays
+  at its initialisation while the student moves shows up in the health summary as a large, growing value.
+  """
+  diff = jax.tree.map(lambda t, s: jnp.sum((t.astype(jnp.float32) - s.astype(jnp.float32)) ** 2),
+                      teacher_params, student_params)
+  norm = jax.tree.map(lambda s: jnp.sum(s.astype(jnp.float32) ** 2), student_params)
+  return jnp.sqrt(sum(jax.tree.leaves(diff)) / jnp.maximum(sum(jax.tree.leaves(norm)), 1e-30))
 
 
 def make_step_fn(config: ml_collections.ConfigDict, nets: Networks, tx: optax.GradientTransformation,
@@ -147,7 +169,9 @@ def make_step_fn(config: ml_collections.ConfigDict, nets: Networks, tx: optax.Gr
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(aux["metrics"])
     metrics.update(grad_norm=optax.global_norm(grads), lr=schedules.lr(step), wd=schedules.wd(step),
-                   momentum=schedules.momentum(step), teacher_temp=tt)
+                   momentum=schedules.momentum(step), teacher_temp=tt,
+                   teacher_student_dist=teacher_student_distance(teacher_params["backbone"],
+                                                                 state["params"]["backbone"]))
     new_state = {
         "step": step + 1,
         "params": params,

@@ -7,9 +7,11 @@ the end and on SIGTERM; stops with the step number on a non-finite loss, keeping
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -20,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from muse_jax.pretrain import checkpoint as ckpt_lib
+from muse_jax.pretrain import health as health_lib
 from muse_jax.pretrain import mesh as mesh_lib
 from muse_jax.pretrain import optim as optim_lib
 from muse_jax.pretrain import state as state_lib
@@ -27,6 +30,7 @@ from muse_jax.pretrain import step as step_lib
 from muse_jax.pretrain import synthetic
 
 METRICS_FILE = "metrics.jsonl"
+HEALTH_FILE = "health.json"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -55,6 +59,25 @@ _SCHEMA: dict[str, type | tuple[type, ...]] = {
         "freeze_last_layer_epochs", "momentum_teacher", "momentum_teacher_end", "warmup_teacher_temp",
         "teacher_temp", "warmup_teacher_temp_epochs", "student_temp", "center_momentum")},
 }
+# Fields added by issue #21; configs written before it (e.g. a resumed run's config.json) may lack them.
+_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    **{f"optim.{k}": (int, float) for k in ("warmup_frac", "warmup_teacher_temp_frac", "freeze_last_layer_frac",
+                                            "teacher_half_life_frac")},
+    **{f"health.{k}": (int, float) for k in ("uniform_entropy_ratio", "min_prototypes", "grace_frac")},
+    "health.grace_steps": int, "health.patience": int, "data.color_aug": str,
+}
+
+
+def _lookup(config, name: str):
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -68,6 +91,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(node, bool) or not isinstance(node, typ):
       want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
       raise ValueError(f"config.{name} has type {type(node).__name__} ({node!r}); expected {want}")
+  for name, typ in _OPTIONAL.items():
+    node = _lookup(config, name)
+    if node is _MISSING:
+      continue
+    if isinstance(node, bool) or not isinstance(node, typ):
+      want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+      raise ValueError(f"config.{name} has type {type(node).__name__} ({node!r}); expected {want}")
+  for name in ("optim.warmup_frac", "optim.warmup_teacher_temp_frac", "optim.freeze_last_layer_frac"):
+    v = _lookup(config, name)
+    if v is not _MISSING and v > 1:
+      raise ValueError(f"config.{name}={v}: a fraction of the run must be <= 1 (-1 = use the *_epochs field)")
+  hl = _lookup(config, "optim.teacher_half_life_frac")
+  if hl is not _MISSING and not 0 <= hl <= 1:
+    raise ValueError(f"config.optim.teacher_half_life_frac={hl}: expected 0 (use momentum_teacher) or a fraction "
+                     "in (0, 1]")
+  from muse_jax.data import views  # pylint: disable=import-outside-toplevel
+  aug = _lookup(config, "data.color_aug")
+  if aug is not _MISSING and aug not in views.COLOR_AUGS:
+    raise ValueError(f"config.data.color_aug={aug!r}: expected one of {views.COLOR_AUGS}")
+  if aug == "hed" and not config.data.stain_jitter > 0:
+    raise ValueError("config.data.color_aug='hed' needs config.data.stain_jitter > 0 (e.g. 0.1)")
+  um = _lookup(config, "data.blur_sigma_um")
+  if um not in (_MISSING, None) and (len(um) != 2 or not 0 < float(um[0]) <= float(um[1])):
+    raise ValueError(f"config.data.blur_sigma_um={um}: expected (lo, hi) µm with 0 < lo <= hi")
   if config.loss.w_image < 0 or config.loss.w_nu < 0 or (config.loss.w_image == 0 and config.loss.w_nu == 0):
     raise ValueError(f"config.loss: weights must be >= 0 and not both 0 (got w_image={config.loss.w_image}, "
                      f"w_nu={config.loss.w_nu})")
@@ -125,6 +172,19 @@ class _MetricsWriter:
     self.rewrite = str(workdir).startswith("gs://")
     self.lines: list[str] | None = None
 
+  def restore(self, step: int) -> list[dict[str, Any]]:
+    """Drops logged rows after `step` (a resumed run logs them again) and returns the rows kept."""
+    if not self.path.exists():
+      return []
+    rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if int(r.get("step", 0)) <= step]
+    if self.enabled and len(kept) != len(rows):
+      tmp = self.path.parent / (self.path.name + ".tmp")
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      tmp.replace(self.path)
+      self.lines = None
+    return kept
+
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
@@ -156,7 +216,7 @@ def build_step(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) ->
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   abstract_params = jax.eval_shape(lambda r: state_lib.init_variables(nets, r, config.data.global_size)[0], init_rng)
   tx = optim_lib.build_optimizer(config.optim, abstract_params, schedules, steps_per_epoch,
-                                 last_layer_name=config.heads.last_layer_name)
+                                 last_layer_name=config.heads.last_layer_name, total_steps=total)
   abstract_state = jax.eval_shape(lambda r: state_lib.create_state(config, nets, tx, r), init_rng)
   shardings = mesh_lib.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
   repl = mesh_lib.replicated(mesh)
@@ -237,6 +297,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
   total = s["total_steps"]
   end = total if stop_at_step is None else min(total, stop_at_step)
   writer = _MetricsWriter(workdir, is_main)
+  monitor = health_lib.HealthMonitor(health_lib.num_prototypes(config), total, _health_cfg(config))
+  for rec in writer.restore(step):  # rows up to the restored step (later ones were never checkpointed)
+    monitor.update(rec)
   last_saved = latest
   n_views = config.data.n_global + config.data.n_local
 
@@ -285,6 +348,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
                  "views_per_s": steps_since * config.batch_size * n_views / dt, "epoch": step / s["steps_per_epoch"]}
           writer.write(rec)
           last_record = rec
+          for msg in monitor.update(rec):
+            logging.warning("%s", msg)
+            if is_main:
+              (pbar.write if pbar is not None else functools.partial(print, file=sys.stderr, flush=True))(msg)
           acc, t_log, steps_since = {}, time.perf_counter(), 0
         if step % config.checkpoint_every_steps == 0 or step == end or stop_now:
           save(step, state)
@@ -296,8 +363,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
     if pbar is not None:
       pbar.close()
     ckpt.close()
+  health = monitor.status()
+  if is_main:
+    (workdir / HEALTH_FILE).write_text(json.dumps(health, indent=2, default=float))
   return {"step": step, "total_steps": total, "last_metrics": last_record, "workdir": str(workdir),
-          "checkpoint_dir": str(ckpt.directory), "last_checkpoint_step": last_saved, "preempted": preempted}
+          "checkpoint_dir": str(ckpt.directory), "last_checkpoint_step": last_saved, "preempted": preempted,
+          "health": health}
+
+
+def _health_cfg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.health` when the config has it (configs/pretrain.py always does), else the default thresholds."""
+  return config.health if "health" in config else health_lib.default_config()
 
 
 def _any_process(flag: bool, step: int) -> bool:
