@@ -4,7 +4,9 @@ Usage: ``configs.models.get_config("vit_s16")`` or, with absl config flags,
 ``--model_config=configs/models.py:vit_s16 --model_config.drop_path_rate=0.1``.
 
 Variants:
-  * ``tiny``: 4-block ViT, embed_dim 64, 4 heads, patch 16, every block extracted (tests and the demo).
+  * ``tiny``: 4-block ViT, embed_dim 64, 4 heads, patch 16, every block extracted (tests).
+  * ``tiny_p8``: ``tiny`` with 8 px patches: a token is 4 µm at 0.5 µm/px, so one nucleus spans several tokens
+    (the CPU-scale pretraining recipe ``configs/pretrain.py:small`` and ``make demo``).
   * ``vit_s16``: ViT-S/16 (D 384, 6 heads, depth 12), blocks (2, 5, 8, 11); f_map 384 ch, f_cls 384.
   * ``vit_b16``: ViT-B/16 (D 768, 12 heads, depth 12); f_map 768 ch, f_cls 768.
   * ``r50``: timm ResNet-50 (v1.5) + CattedDecoder; f_map 1024 ch, f_cls 2048 (global average pool of stage 4).
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("tiny", "vit_s16", "vit_b16", "r50", "tiny_r50")
+VARIANTS = ("tiny", "tiny_p8", "vit_s16", "vit_b16", "r50", "tiny_r50")
 
 _VIT = {
     # name: (embed_dim, depth, num_heads, extract_layers)
     "tiny": (64, 4, 4, (0, 1, 2, 3)),
+    "tiny_p8": (64, 4, 4, (0, 1, 2, 3)),
     "vit_s16": (384, 12, 6, (2, 5, 8, 11)),
     "vit_b16": (768, 12, 12, (2, 5, 8, 11)),
 }
@@ -47,7 +50,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant in _VIT:
     d, depth, heads, layers = _VIT[variant]
     cfg.arch = "vit"
-    cfg.patch_size = 16
+    cfg.patch_size = 8 if variant.endswith("_p8") else 16
     cfg.embed_dim = d
     cfg.depth = depth
     cfg.num_heads = heads

@@ -35,8 +35,9 @@ import ml_collections
 
 from configs import models as models_cfg
 from muse_jax.data import pipeline
+from muse_jax.pretrain import health
 
-VARIANTS = ("tiny", "vit_s16", "vit_b16", "r50", "lfov_vit_b16", "study")
+VARIANTS = ("tiny", "vit_s16", "vit_b16", "r50", "lfov_vit_b16", "study", "small")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -47,7 +48,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.variant = variant
   c.seed = 0
   model_variant = {"tiny": "tiny", "vit_s16": "vit_s16", "vit_b16": "vit_b16", "r50": "r50",
-                   "lfov_vit_b16": "vit_b16", "study": "tiny"}[variant]
+                   "lfov_vit_b16": "vit_b16", "study": "tiny", "small": "tiny_p8"}[variant]
   c.model = models_cfg.get_config(model_variant)
   c.drop_path_rate = 0.0 if variant == "r50" else 0.1  # student only; the teacher always uses 0
 
@@ -93,6 +94,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   o.freeze_last_layer_epochs = 1.0
   o.momentum_teacher = 0.996
   o.momentum_teacher_end = 1.0
+  # Run-length-aware schedules (optim.schedule_steps): a fraction >= 0 replaces the epoch-based field beside it, and
+  # teacher_half_life_frac > 0 sets the starting teacher momentum from a half-life of that fraction of the run
+  # (m = 0.5 ** (1 / (frac * total_steps))), so that a short run's teacher moves. -1 / 0 = DINO's epoch-based values.
+  # For scale: DINO's 0.996 is a half-life of 173 steps, 0.14% of a 125k-step run but 35% of a 500-step run.
+  o.warmup_frac = -1.0
+  o.warmup_teacher_temp_frac = -1.0
+  o.freeze_last_layer_frac = -1.0
+  o.teacher_half_life_frac = 0.0
   o.warmup_teacher_temp = 0.04
   o.teacher_temp = 0.07
   o.warmup_teacher_temp_epochs = 30.0
@@ -105,6 +114,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
 
+  # Run health (muse_jax.pretrain.health): thresholds of the collapse detector, checked at every log record.
+  c.health = health.default_config()
+
   # Checkpoints / logging.
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
@@ -112,7 +124,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.progress_bar = True
 
-  if variant in ("tiny", "study"):
+  if variant in ("tiny", "study", "small"):
     c.data.n_global, c.data.global_size = 2, 64
     c.data.n_local, c.data.local_size = 2, 32
     c.data.max_nuclei_global, c.data.max_nuclei_local = 32, 16
@@ -146,6 +158,35 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.read_threads = 2
     c.num_epochs = 10
     c.steps_per_epoch = 40  # 400 steps: ~5 steps/s after ~35 s of start-up and compilation on 2 idle cores
+    c.checkpoint_every_steps = 100
+    c.log_every_steps = 10
+    c.progress_bar = False
+  elif variant == "small":
+    # The CPU-scale recipe that learns (issue #21; evidence in experiments/RESULTS.md, "CPU-scale recipe"): a
+    # model that resolves single nuclei (8 px patches: a token is 4 µm at 0.5 µm/px), views at the evaluation's
+    # scale, overlapping views so NuLo sees tens of shared nuclei, H&E stain jitter instead of DINO's RGB jitter /
+    # grayscale / solarisation, blur in µm, and schedules that follow the run's length.
+    c.data.source = "brca:BRCA-M2C"  # pass 'brca:PATH' or 'brca:PATH|folder:REGIONS' (train + val; never test)
+    c.data.n_global, c.data.global_size = 2, 96
+    c.data.n_local, c.data.local_size = 4, 64
+    c.data.max_nuclei_global, c.data.max_nuclei_local = 64, 32
+    c.data.mpp_range = (0.4, 0.7)  # 96 px = 38-67 µm; the evaluation runs at 0.5
+    c.data.global_in_global = True
+    c.data.color_aug = "hed"
+    c.data.stain_jitter = 0.1
+    c.data.grayscale_p = 0.0
+    c.data.solarize_p = 0.0
+    c.data.blur_sigma_um = (0.05, 0.5)
+    c.data.read_threads = 2
+    c.batch_size = 16
+    c.num_epochs = 1
+    c.steps_per_epoch = 400
+    c.total_steps = 400
+    c.optim.base_lr = 5e-4
+    c.optim.warmup_frac = 0.1
+    c.optim.warmup_teacher_temp_frac = 0.0
+    c.optim.freeze_last_layer_frac = 0.02
+    c.optim.teacher_half_life_frac = 0.05  # 20 steps of 400: momentum 0.966 -> 1
     c.checkpoint_every_steps = 100
     c.log_every_steps = 10
     c.progress_bar = False

@@ -63,13 +63,16 @@ def default_data_config(variant: str = 'default') -> ml_collections.ConfigDict:
   c.mpp_choices = (0.25, 0.5)   # for 'discrete'
   c.region_mpp = ml_collections.FieldReference(None, field_type=float)  # None: the record's own 'mpp'
   c.local_in_global = True      # centre local views inside a random global view (shared nuclei)
+  c.global_in_global = False    # centre global views 2.. inside the first global view (shared nuclei)
   c.pad_mode = 'reflect'        # fill for views larger than the region: 'reflect' | 'constant' (white)
   c.max_nuclei_global = 256
   c.max_nuclei_local = 64
   # Geometric.
   c.flips = True                # random horizontal and vertical flips
   c.rot90 = True                # random multiples of 90 degrees
-  # Photometric (DINO).
+  # Photometric. color_aug: 'rgb' (DINO colour jitter), 'hed' (H&E stain jitter of strength stain_jitter) or
+  # 'none'; either is applied with probability color_jitter_p.
+  c.color_aug = 'rgb'
   c.color_jitter_p = 0.8
   c.brightness = 0.4
   c.contrast = 0.4
@@ -77,9 +80,10 @@ def default_data_config(variant: str = 'default') -> ml_collections.ConfigDict:
   c.hue = 0.1
   c.grayscale_p = 0.2
   c.blur_p = (1.0, 0.1, 0.5)    # global view 1, global view 2, local views
-  c.blur_sigma = (0.1, 2.0)
+  c.blur_sigma = (0.1, 2.0)      # px of the view (DINO), used when blur_sigma_um is None
+  c.blur_sigma_um = ml_collections.FieldReference(None, field_type=tuple)  # (lo, hi) µm: sigma_px = U / view mpp
   c.solarize_p = 0.2            # second global view only
-  c.stain_jitter = 0.0          # H&E stain jitter strength (0 = off; try 0.05)
+  c.stain_jitter = 0.0          # H&E stain jitter strength (color_aug 'hed'; with 'rgb', > 0 adds it before)
   # Loading.
   c.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
   c.prefetch_buffer = 2         # batches buffered per worker process

@@ -13,13 +13,16 @@ Geometry (all in the PIL/edge convention internally, pixel centres at integers f
   (so coordinates scale by `region_mpp / mpp`). A nucleus is kept when its nearest view pixel exists:
   `-0.5 <= x_view < size - 0.5` (same for y).
 * Local views are centred on a point drawn uniformly inside one randomly chosen global view (then clipped to the
-  region), so that local and global views share nuclei (spec §3.2, "making views overlap").
+  region), so that local and global views share nuclei (spec §3.2, "making views overlap"). With
+  `global_in_global`, global views after the first are likewise centred inside the first one, so the teacher's two
+  global views share nuclei too (small regions or small views; off in the spec configs).
 * Geometric augmentation per view: horizontal flip `x -> size - 1 - x`, vertical flip `y -> size - 1 - y`,
   90° rotation counter-clockwise (`np.rot90`) `(x, y) -> (y, size - 1 - x)`.
-* Photometric augmentation per view (DINO): colour jitter (brightness, contrast, saturation, hue in random order,
-  composed into one affine colour map; hue is a YIQ chroma rotation), grayscale, Gaussian blur (PIL, sigma in
-  `blur_sigma`), solarisation (x >= 128 -> 255 - x), optional H&E stain jitter (scale/shift of the
-  haematoxylin/eosin/DAB optical densities, skimage `rgb2hed`/`hed2rgb`).
+* Photometric augmentation per view: the colour augmentation `color_aug` ('rgb': DINO's colour jitter of
+  brightness, contrast, saturation, hue in random order, composed into one affine colour map, hue a YIQ chroma
+  rotation; 'hed': H&E stain jitter, a scale/shift of the haematoxylin/eosin/DAB optical densities through
+  skimage `rgb2hed`/`hed2rgb`; 'none'), grayscale, Gaussian blur (PIL; sigma in view px from `blur_sigma`, or in
+  µm from `blur_sigma_um`, divided by the view's mpp), solarisation (x >= 128 -> 255 - x).
 """
 
 from __future__ import annotations
@@ -189,27 +192,59 @@ def stain_jitter(img_u8: np.ndarray, rng: np.random.Generator, strength: float) 
   return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+COLOR_AUGS = ('rgb', 'hed', 'none')
+
+
+def blur_sigma_px(rng: np.random.Generator, cfg: Mapping[str, Any], mpp: float | None) -> float:
+  """One Gaussian-blur sigma in view pixels: U(`blur_sigma_um`) µm / `mpp` when `blur_sigma_um` is set (physical,
+  the same blur of the tissue at every view scale), else U(`blur_sigma`) px (DINO's pixel-space range)."""
+  um = cfg.get('blur_sigma_um')
+  if um is not None:
+    if mpp is None or not mpp > 0:
+      raise ValueError(f'blur_sigma_um={um} needs the view mpp (got {mpp})')
+    return float(rng.uniform(float(um[0]), float(um[1]))) / float(mpp)
+  return float(rng.uniform(*cfg['blur_sigma']))
+
+
 def photometric_pil(im: Image.Image, rng: np.random.Generator, cfg: Mapping[str, Any], *, blur_p: float,
-                    solarize_p: float) -> Image.Image:
-  """The per-view photometric pipeline on a PIL RGB image: stain jitter, colour jitter, grayscale, blur, solarise."""
-  if cfg.get('stain_jitter', 0.0) > 0:
-    im = Image.fromarray(stain_jitter(np.asarray(im), rng, float(cfg['stain_jitter'])))
-  if rng.uniform() < cfg['color_jitter_p']:
-    im = color_jitter(im, rng, cfg['brightness'], cfg['contrast'], cfg['saturation'], cfg['hue'])
+                    solarize_p: float, mpp: float | None = None) -> Image.Image:
+  """The per-view photometric pipeline on a PIL RGB image: colour augmentation, grayscale, blur, solarise.
+
+  `cfg['color_aug']` picks the colour augmentation (applied with probability `color_jitter_p`):
+  'rgb' = DINO's colour jitter (brightness, contrast, saturation, hue; plus H&E stain jitter first when
+  `stain_jitter` > 0, the behaviour of configs from before `color_aug` existed); 'hed' = H&E stain jitter of
+  strength `stain_jitter` (per-stain optical-density scale and shift: changes staining, keeps morphology);
+  'none' = no colour change. Grayscale (`grayscale_p`), blur (`blur_p`, sigma from `blur_sigma_px`) and
+  solarisation follow for every choice. `mpp` is the view's µm/px (needed for `blur_sigma_um`).
+  """
+  aug = cfg.get('color_aug', 'rgb')
+  if aug not in COLOR_AUGS:
+    raise ValueError(f'data.color_aug={aug!r}: expected one of {COLOR_AUGS}')
+  strength = float(cfg.get('stain_jitter', 0.0))
+  if aug == 'rgb':
+    if strength > 0:
+      im = Image.fromarray(stain_jitter(np.asarray(im), rng, strength))
+    if rng.uniform() < cfg['color_jitter_p']:
+      im = color_jitter(im, rng, cfg['brightness'], cfg['contrast'], cfg['saturation'], cfg['hue'])
+  elif aug == 'hed':
+    if strength <= 0:
+      raise ValueError("data.color_aug='hed' needs data.stain_jitter > 0 (e.g. 0.1)")
+    if rng.uniform() < cfg['color_jitter_p']:
+      im = Image.fromarray(stain_jitter(np.asarray(im), rng, strength))
   if rng.uniform() < cfg['grayscale_p']:
     im = im.convert('L').convert('RGB')
   if rng.uniform() < blur_p:
-    im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*cfg['blur_sigma']))))
+    im = im.filter(ImageFilter.GaussianBlur(radius=blur_sigma_px(rng, cfg, mpp)))
   if rng.uniform() < solarize_p:
     im = ImageOps.solarize(im, 128)
   return im
 
 
 def photometric(img_u8: np.ndarray, rng: np.random.Generator, cfg: Mapping[str, Any], *, blur_p: float,
-                solarize_p: float) -> np.ndarray:
+                solarize_p: float, mpp: float | None = None) -> np.ndarray:
   """`photometric_pil` on uint8 [H, W, 3] arrays."""
   im = photometric_pil(Image.fromarray(np.ascontiguousarray(img_u8)), rng, cfg, blur_p=blur_p,
-                       solarize_p=solarize_p)
+                       solarize_p=solarize_p, mpp=mpp)
   return np.asarray(im, dtype=np.uint8)
 
 
@@ -242,7 +277,7 @@ def _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_
   k = int(rng.integers(4)) if cfg['rot90'] else 0
   im = flip_rotate_pil(im, hflip, vflip, k)
   vc = geometric_coords(vc, size, hflip, vflip, k)
-  im = photometric_pil(im, rng, cfg, blur_p=blur_p, solarize_p=solarize_p)
+  im = photometric_pil(im, rng, cfg, blur_p=blur_p, solarize_p=solarize_p, mpp=mpp)
   c, i, m = pad_nuclei(vc, vid, max_nuclei, rng)
   return np.asarray(im, dtype=np.uint8), c, i, m, (x0, y0, fov)
 
@@ -285,6 +320,9 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
       if group == 'global':
         center, blur_p = None, (blur_g1 if v == 0 else blur_g2)
         sol_p = cfg['solarize_p'] if v == 1 else 0.0
+        if cfg.get('global_in_global', False) and boxes:
+          gx0, gy0, gf = boxes[0]
+          center = (gx0 + rng.uniform(0, gf), gy0 + rng.uniform(0, gf))
       else:
         center, blur_p, sol_p = None, blur_l, 0.0
         if cfg['local_in_global'] and boxes:
