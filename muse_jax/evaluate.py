@@ -3,7 +3,9 @@
   python -m muse_jax.evaluate --backbone random:vit_s16 --dataset brca_m2c --data_dir /path/to/BRCA-M2C \
       --protocols knn,linear,finetune --mpp 0.5 --size 224 --out runs/eval_vit_s16
 
-`--backbone` is a backbone directory (pretraining export, torch import, fine-tuning output) or `random:<variant>`.
+`--backbone` is a backbone directory (pretraining export, torch import, fine-tuning output), `random:<variant>`, or
+`raw:<px>`: the raw-pixel baseline (a <px> x <px> window of normalised pixels centred on each nucleus; kNN and
+linear only).
 `--data_dir bundled` uses the small BRCA-M2C sample inside the package. `--all` runs the grid mpp {0.5, 0.25} x
 size {224, 512} x protocols and writes one table (BRCA-M2C's mpp 0.25 is an upsampled substitute, marked †).
 Writes results.json, results.md and confusion-matrix PNGs to `--out`, and prints the Markdown table.
@@ -19,7 +21,9 @@ from muse_jax.evaluation import runner
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   d = runner.default_config()
   p = argparse.ArgumentParser(prog="python -m muse_jax.evaluate", description=__doc__.splitlines()[0])
-  p.add_argument("--backbone", required=True, help="backbone directory or random:<variant> (tiny, vit_s16, ...)")
+  p.add_argument("--backbone", required=True,
+                 help="backbone directory, random:<variant> (tiny, vit_s16, ...) or raw:<px> (the raw-pixel "
+                      "baseline: ImageNet-normalised <px> x <px> pixels centred on each nucleus, e.g. raw:16)")
   p.add_argument("--backbone_seed", type=int, default=d.backbone_seed, help="seed of a random:<variant> init")
   p.add_argument("--method", default="", help="row label in the tables (default: from the backbone)")
   p.add_argument("--dataset", default=d.dataset, choices=["brca_m2c"])

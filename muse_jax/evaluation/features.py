@@ -115,6 +115,67 @@ def make_feature_fn(model_cfg: ml_collections.ConfigDict, variables: dict, *, im
   return BoundFeatureFn(cached_sampler(model_cfg, image_size), variables, mesh)
 
 
+RAW_PREFIX = "raw:"
+
+
+def parse_raw_source(source: str) -> int | None:
+  """`'raw:16'` -> 16 (the raw-pixel baseline's patch side in px); None for any other source string."""
+  if not isinstance(source, str) or not source.startswith(RAW_PREFIX):
+    return None
+  spec = source[len(RAW_PREFIX):] or "16"
+  try:
+    patch = int(spec)
+  except ValueError:
+    raise ValueError(f"backbone {source!r}: expected raw:<patch side in px>, e.g. raw:16") from None
+  if patch < 1 or patch > 128:
+    raise ValueError(f"backbone {source!r}: the patch side must be in [1, 128] px (got {patch})")
+  return patch
+
+
+def raw_model_config(patch: int) -> ml_collections.ConfigDict:
+  """A pseudo model config for the raw-pixel baseline (arch 'raw'; `map_dim` is the feature size)."""
+  return ml_collections.ConfigDict({"arch": "raw", "name": f"raw{patch}", "patch_size": int(patch),
+                                    "map_dim": int(patch) * int(patch) * 3})
+
+
+class RawPatchFeatureFn:
+  """The raw-pixel baseline: each nucleus's feature is the `patch` x `patch` window of ImageNet-normalised pixels
+  centred on it (`[round(y) - patch // 2, + patch)` x the same in x, edge-replicated at the tile border), flattened.
+
+  Same signature as `make_feature_fn`'s result: (images uint8 [B, S, S, 3], coords f32 [B, N, 2] (x, y),
+  mask bool [B, N]) -> float32 [B, N, patch * patch * 3] (zeros where mask is False). Numpy only.
+  """
+
+  num_devices = 1
+
+  def __init__(self, patch: int):
+    self.patch = int(patch)
+
+  def __call__(self, images, coords, mask):
+    images = np.asarray(images)
+    coords = np.asarray(coords, np.float32)
+    mask = np.asarray(mask, bool)
+    p = self.patch
+    b, s = images.shape[0], images.shape[1]
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    img = (images.astype(np.float32) / 255.0 - mean) / std
+    img = np.pad(img, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
+    n = coords.shape[1]
+    out = np.zeros((b, n, p * p * 3), np.float32)
+    offs = np.arange(p) - p // 2
+    for i in range(b):
+      sel = np.flatnonzero(mask[i])
+      if sel.size == 0:
+        continue
+      cx = np.clip(np.rint(coords[i, sel, 0]).astype(np.int64), 0, s - 1) + p
+      cy = np.clip(np.rint(coords[i, sel, 1]).astype(np.int64), 0, s - 1) + p
+      ys = cy[:, None, None] + offs[None, :, None]
+      xs = cx[:, None, None] + offs[None, None, :]
+      out[i, sel] = img[i][ys, xs].reshape(sel.size, -1)
+    return out
+
+
 def labelled_mask(tile: dict, num_classes: int) -> np.ndarray:
   """Bool [N]: nuclei with a known class (id >= 0). Raises ValueError for ids < -1 or >= num_classes."""
   classes = np.asarray(tile["classes"])

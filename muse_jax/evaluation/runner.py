@@ -73,6 +73,8 @@ def class_names_for(dataset: str) -> list[str]:
 def method_label(source: str, model_cfg: ml_collections.ConfigDict) -> str:
   """A readable row label: `random init (vit_s16)` or `<dir name> (<model name>)`."""
   name = model_cfg.get("name", model_cfg.arch)
+  if model_cfg.get("arch") == "raw":
+    return f"Raw pixels ({model_cfg.patch_size} px patch)"
   if str(source).startswith("random:"):
     return f"Random init ({name})"
   return f"{pathlib.Path(str(source)).name} ({name})"
@@ -91,6 +93,9 @@ def load_backbone(source: str | tuple, seed: int = 0) -> tuple[ml_collections.Co
   """`(model_cfg, variables)` from a source string (`backbone_io.load_backbone`) or an already loaded tuple."""
   if isinstance(source, tuple):
     return source
+  patch = features_lib.parse_raw_source(source)
+  if patch is not None:
+    return features_lib.raw_model_config(patch), {}
   from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
 
   return backbone_io.load_backbone(source, seed=seed)
@@ -152,7 +157,12 @@ def evaluate_setting(model_cfg: ml_collections.ConfigDict, variables: dict, tile
   size = tiles["train"][0]["image"].shape[0]
   timing = {}
   t0 = time.perf_counter()
-  fn = features_lib.make_feature_fn(model_cfg, variables, image_size=size)
+  if model_cfg.get("arch") == "raw":
+    if "finetune" in protocols:
+      raise ValueError("the raw-pixel baseline has no network to fine-tune: use --protocols knn,linear")
+    fn = features_lib.RawPatchFeatureFn(model_cfg.patch_size)
+  else:
+    fn = features_lib.make_feature_fn(model_cfg, variables, image_size=size)
   n_pad = features_lib.pad_size([t for s in SPLITS for t in tiles[s]])
   feats = {}
   bar = _Bar(config.progress, sum(len(tiles[s]) for s in SPLITS), f"features {size}px")
