@@ -156,11 +156,17 @@ def test_gather_aggregate_and_report(study, tmp_path):
 def test_commands_are_the_project_clis(study, tmp_path):
   root = tmp_path
   cmd = study.pretrain_command("py", root, "muse_fixed", 2, "brca:B|folder:R", 0.499)
-  assert cmd[:5] == ["py", "-m", "muse_jax.main", "--config", "configs/pretrain.py:study"]
+  assert cmd[:5] == ["py", "-m", "muse_jax.main", "--config", "configs/pretrain.py:small"]  # issue #21's recipe
   assert "--config.seed=2" in cmd and "--config.data.mpp_range=(0.5, 0.5)" in cmd
+  assert study.pretrain_command("py", root, "muse", 0, "s", 0.5, variant="study")[4] == "configs/pretrain.py:study"
   assert "--config.loss.w_nu=0" in study.pretrain_command("py", root, "dino", 0, "s", 0.5)
   ev = study.eval_command("py", root, "/b", "random", 1)
-  assert ev[ev.index("--backbone") + 1] == "random:tiny" and ev[ev.index("--backbone_seed") + 1] == "1"
+  assert ev[ev.index("--backbone") + 1] == "random:tiny_p8" and ev[ev.index("--backbone_seed") + 1] == "1"
+  assert study.eval_command("py", root, "/b", "random", 1, "study")[4] == "random:tiny"
+  raw = study.eval_command("py", root, "/b", "raw", 0)
+  assert raw[raw.index("--backbone") + 1] == "raw:16"
+  with pytest.raises(ValueError, match="raw-pixel"):
+    study.ndc_commands("py", root, "/b", "raw", 0)
   (tmp_path / "b").mkdir()
   (tmp_path / "b" / "brca_ds_test.txt").write_text("a.png\nb.png\nc.png\n")
   (tmp_path / "b" / "brca_ds_val.txt").write_text("v.png\n")
