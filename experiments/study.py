@@ -8,7 +8,7 @@ Stages (each resumable: a finished run is skipped, an interrupted pretraining re
             (`muse_jax.slide.tissue` on a thumbnail), with nucleus points from the classical detector
             (`muse_jax.data.detect`) as sidecar CSVs: `ROOT/slide_regions/{images,points}/`, read by the
             pipeline's `folder:` source.
-  pretrain  `python -m muse_jax.main --config configs/pretrain.py:study` for every method x seed on
+  pretrain  `python -m muse_jax.main --config configs/pretrain.py:<--variant, default small>` for every method x seed on
             `brca:BRCA|folder:ROOT/slide_regions` (BRCA-M2C train + val + the slide regions; never test), then
             `python -m muse_jax.export` (the teacher backbone).
   eval      `python -m muse_jax.evaluate` kNN + linear at mpp 0.5 / size 224 on the full BRCA-M2C test split.
@@ -20,7 +20,8 @@ Stages (each resumable: a finished run is skipped, an interrupted pretraining re
             `--figures` (loss curves, accuracy / F1 by method).
   all       the five in order.
 
-Methods: `random` (random:tiny with the seed, no pretraining), `dino` (loss.w_nu=0), `nulo` (loss.w_image=0),
+Methods: `random` (random init of the variant's backbone with the seed, no pretraining), `raw` (the raw-pixel
+baseline `raw:16` of `muse_jax.evaluate`; kNN / linear only), `dino` (loss.w_nu=0), `nulo` (loss.w_image=0),
 `muse` (both losses), `muse_fixed` (both, fixed mpp 0.5). Every run is a subprocess of the project's own CLI; its
 command line, wall time and exit status go to `ROOT/<stage>/<method>_s<seed>/run.json` and its output to `log.txt`,
 and are printed, so what is printed is what a user would type.
@@ -38,15 +39,18 @@ import sys
 import time
 from typing import Any, Sequence
 
-METHODS = ("random", "dino", "nulo", "muse", "muse_fixed")
+METHODS = ("random", "raw", "dino", "nulo", "muse", "muse_fixed")
 PRETRAINED = ("dino", "nulo", "muse", "muse_fixed")
+DEFAULT_VARIANT = "small"  # configs/pretrain.py variant of the pretrained methods (issue #21's recipe)
+RAW_SOURCE = "raw:16"  # the raw-pixel baseline: 16 px windows of pixels centred on each nucleus
 METHOD_OVERRIDES: dict[str, dict[str, str]] = {
     "dino": {"loss.w_nu": "0"},
     "nulo": {"loss.w_image": "0"},
     "muse": {},
     "muse_fixed": {"data.mpp_range": "(0.5, 0.5)"},
 }
-METHOD_LABELS = {"random": "random init", "dino": "DINO (image loss)", "nulo": "NuLo (nucleus loss)",
+METHOD_LABELS = {"random": "random init", "raw": "raw pixels (16 px)", "dino": "DINO (image loss)",
+                 "nulo": "NuLo (nucleus loss)",
                  "muse": "MUSE (both)", "muse_fixed": "MUSE, fixed mpp 0.5"}
 SEEDS = (0, 1, 2)
 REGION_SIZE = 512
@@ -75,25 +79,38 @@ def run_name(method: str, seed: int) -> str:
   return f"{method}_s{seed}"
 
 
+def model_variant(variant: str) -> str:
+  """The backbone variant (configs/models.py) that a configs/pretrain.py variant trains."""
+  import sys as _sys  # pylint: disable=import-outside-toplevel,reimported
+  repo = str(pathlib.Path(__file__).resolve().parent.parent)
+  if repo not in _sys.path:
+    _sys.path.insert(0, repo)
+  from configs import pretrain  # pylint: disable=import-outside-toplevel
+  return str(pretrain.get_config(variant).model.name)
+
+
 def pretrain_command(python: str, root: pathlib.Path, method: str, seed: int, source: str,
-                     region_mpp: float, extra: Sequence[str] = ()) -> list[str]:
+                     region_mpp: float, extra: Sequence[str] = (), variant: str = DEFAULT_VARIANT) -> list[str]:
   """`python -m muse_jax.main` for one pretrained method and seed."""
-  cmd = [python, "-m", "muse_jax.main", "--config", "configs/pretrain.py:study",
+  cmd = [python, "-m", "muse_jax.main", "--config", f"configs/pretrain.py:{variant}",
          "--workdir", str(root / "pretrain" / run_name(method, seed)),
          f"--config.seed={seed}", f"--config.data.source={source}", f"--config.data.region_mpp={region_mpp}"]
   cmd += [f"--config.{k}={v}" for k, v in METHOD_OVERRIDES[method].items()]
   return cmd + list(extra)
 
 
-def backbone_of(root: pathlib.Path, method: str, seed: int) -> str:
-  """The backbone source of a method: random:tiny (seed passed separately) or the exported teacher."""
+def backbone_of(root: pathlib.Path, method: str, seed: int, variant: str = DEFAULT_VARIANT) -> str:
+  """The backbone source of a method: random:<model> (seed passed separately), raw:16, or the exported teacher."""
   if method == "random":
-    return "random:tiny"
+    return f"random:{model_variant(variant)}"
+  if method == "raw":
+    return RAW_SOURCE
   return str(root / "pretrain" / run_name(method, seed) / "export")
 
 
-def eval_command(python: str, root: pathlib.Path, brca: str, method: str, seed: int) -> list[str]:
-  return [python, "-m", "muse_jax.evaluate", "--backbone", backbone_of(root, method, seed),
+def eval_command(python: str, root: pathlib.Path, brca: str, method: str, seed: int,
+                 variant: str = DEFAULT_VARIANT) -> list[str]:
+  return [python, "-m", "muse_jax.evaluate", "--backbone", backbone_of(root, method, seed, variant),
           "--backbone_seed", str(seed), "--method", f"{method} s{seed}", "--dataset", "brca_m2c",
           "--data_dir", brca, "--protocols", "knn,linear", "--mpp", str(EVAL_MPP), "--size", str(EVAL_SIZE),
           "--out", str(root / "eval" / run_name(method, seed)), "--no_progress"]
@@ -107,6 +124,8 @@ def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: 
   `NDC_SELECT` on val (`scores_valthr.json`; the val sweep is `val_sweep.json`).
   """
   wd = root / stage_dir / run_name(method, seed)
+  if method == "raw":
+    raise ValueError("the raw-pixel baseline has no backbone to fine-tune (ndc stage)")
   init = "random:tiny" if method == "random" else backbone_of(root, method, seed)
 
   def files(split):
@@ -238,20 +257,21 @@ def slide_source(root: pathlib.Path, brca: str) -> str:
 
 def do_pretrain(args, method: str, seed: int) -> dict[str, Any] | None:
   """Pretrains one method/seed (resuming) and exports its teacher; None for `random`."""
-  if method == "random":
+  if method in ("random", "raw"):
     return None
   root = pathlib.Path(args.root)
   regions = json.loads((root / "slide_regions" / "regions.json").read_text())
   wd = root / "pretrain" / run_name(method, seed)
   extra = [f"--config.total_steps={args.pretrain_steps}"] if args.pretrain_steps else []
-  cmds = [pretrain_command(args.python, root, method, seed, slide_source(root, args.brca), regions["mpp"], extra),
+  cmds = [pretrain_command(args.python, root, method, seed, slide_source(root, args.brca), regions["mpp"], extra,
+                           args.variant),
           [args.python, "-m", "muse_jax.export", "--workdir", str(wd), "--out", str(wd / "export")]]
   return run_logged(cmds, wd, cwd=args.repo)
 
 
 def do_eval(args, method: str, seed: int) -> dict[str, Any]:
   root = pathlib.Path(args.root)
-  return run_logged([eval_command(args.python, root, args.brca, method, seed)],
+  return run_logged([eval_command(args.python, root, args.brca, method, seed, args.variant)],
                     root / "eval" / run_name(method, seed), cwd=args.repo, done_file="run.json")
 
 
@@ -267,7 +287,9 @@ def chain(args, method: str, seed: int, stages: Sequence[str]) -> None:
   for st, fn in (("pretrain", do_pretrain), ("eval", do_eval), ("ndc", do_ndc)):
     if st not in stages:
       continue
-    if st != "pretrain" and method != "random" and getattr(args, "wait_pretrain", False):
+    if st == "ndc" and method == "raw":
+      continue
+    if st != "pretrain" and method not in ("random", "raw") and getattr(args, "wait_pretrain", False):
       while not _finished(args, "pretrain", method, seed):  # another driver is pretraining it
         if args.deadline and time.time() > args.deadline:
           print(f"[deadline] {run_name(method, seed)} was not pretrained in time", flush=True)
@@ -370,12 +392,15 @@ def gather(root: pathlib.Path, methods: Sequence[str] = METHODS, seeds: Sequence
           rec.update(ndc_numbers(json.loads((nd / fname).read_text()), suffix))
       if (nd / "val_sweep.json").exists():
         rec["ndc_threshold"] = json.loads((nd / "val_sweep.json").read_text())["best_threshold"]
-      if m != "random":
+      if m not in ("random", "raw"):
         curve = read_curve(root / "pretrain" / name / "metrics.jsonl")
         if curve:
           curves[name] = [{k: c.get(k) for k in ("step", "loss", "loss_image", "loss_nu", "steps_per_s")}
                           for c in curve]
           rec["pretrain_steps"] = curve[-1]["step"]
+          hp = root / "pretrain" / name / "health.json"
+          if hp.exists():
+            rec["health"] = json.loads(hp.read_text())["line"]
           rec["final_loss"] = curve[-1]["loss"]
           rec["steps_per_s"] = curve[-1].get("steps_per_s")
       runs[name] = rec
@@ -474,7 +499,7 @@ def plot_figures(data: dict, fig_dir: pathlib.Path, methods: Sequence[str] = MET
 
   fig_dir.mkdir(parents=True, exist_ok=True)
   written = []
-  pre = [m for m in methods if m != "random"]
+  pre = [m for m in methods if m not in ("random", "raw")]
   if data["curves"]:
     fig, axes = plt.subplots(1, len(pre), figsize=(3.2 * len(pre), 2.8), sharey=False, squeeze=False)
     axes = axes[0]
@@ -569,6 +594,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--figures", default=str(pathlib.Path(__file__).parent / "figures"))
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+  p.add_argument("--variant", default=DEFAULT_VARIANT,
+                 help="configs/pretrain.py variant of the pretrained methods ('small': issue #21's recipe; 'study': "
+                      "the first study's)")
   p.add_argument("--pretrain_steps", type=int, default=0, help="override total_steps (0: the study config's)")
   p.add_argument("--ndc_steps", type=int, default=NDC_STEPS)
   p.add_argument("--ndc_override", action="append", default=[],
