@@ -140,7 +140,8 @@ def test_config_errors():
     build_backbone(get_config("tiny"), depthh=3)
   for v in VARIANTS:
     cfg = get_config(v)
-    assert cfg.arch in ("vit", "resnet50") and cfg.map_dim > 0 and cfg.cls_dim > 0 and cfg.patch_size in (16, 32)
+    assert cfg.arch in ("vit", "resnet50") and cfg.map_dim > 0 and cfg.cls_dim > 0 and cfg.patch_size in (8, 16, 32)
+  assert get_config("tiny_p8").patch_size == 8  # the CPU-scale recipe's backbone (configs/pretrain.py:small)
 
 
 def test_tiny_eval_deterministic_batch_independent_and_no_drop_path(tiny):
