@@ -22,6 +22,9 @@ from muse_jax.pretrain import teacher as teacher_lib
 from muse_jax.pretrain.state import Networks, State
 
 
+NU_HEALTH_NUCLEI = 16  # nucleus slots per global view that the nucleus head's health metrics are computed on
+
+
 def _flat_views(group: dict[str, jax.Array]) -> tuple[jax.Array, int, int]:
   """[B, V, S, S, 3] uint8 -> normalised float [B*V, S, S, 3] (batch-major, keeps the batch sharding)."""
   img = group["images"]
@@ -120,11 +123,13 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
     nu = losses.nulo_loss(t_nu, [g["ids"][:, i] for i in range(vg)], [g["mask"][:, i] for i in range(vg)],
                           s_nu, s_ids, s_mask, centers["nu"], teacher_temp, student_temp)
     loss = loss + w_nu * nu["loss"]
-    k_nu = t_nu[0].shape[-1]
+    # Diagnostics only: on the first NU_HEALTH_NUCLEI slots of each global view (valid nuclei come first), so that
+    # a second softmax over [B, M, K_nu] (8.6 GB at vit_s16's batch 512, M 256, K 8192) is not added to the step.
+    k_nu, n_h = t_nu[0].shape[-1], min(NU_HEALTH_NUCLEI, t_nu[0].shape[1])
     health = losses.head_health(
-        jnp.concatenate([x.reshape(-1, k_nu) for x in t_nu]),
-        jnp.concatenate([x.reshape(-1, k_nu) for x in s_nu[:vg]]), centers["nu"], teacher_temp, student_temp,
-        weights=jnp.concatenate([g["mask"][:, i].reshape(-1) for i in range(vg)]))
+        jnp.concatenate([x[:, :n_h].reshape(-1, k_nu) for x in t_nu]),
+        jnp.concatenate([x[:, :n_h].reshape(-1, k_nu) for x in s_nu[:vg]]), centers["nu"], teacher_temp,
+        student_temp, weights=jnp.concatenate([g["mask"][:, i, :n_h].reshape(-1) for i in range(vg)]))
     metrics.update({f"nu_{k}": v for k, v in health.items()})
     metrics["loss_nu"] = nu["loss"]
     metrics["shared_nuclei"] = nu["shared"]
