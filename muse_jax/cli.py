@@ -20,6 +20,7 @@ Exit codes shared by every CLI (documented in WORKSPACE.md, "Errors and recovery
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -86,6 +87,17 @@ def run(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | No
     print(format_error(e), file=sys.stderr, flush=True)
     return EXIT_USAGE
   return EXIT_OK if rc is None else int(rc)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """`argparse.ArgumentParser` whose errors (unknown flag, missing or mistyped value) are `UserError`s.
+
+  Under `run` a command-line mistake is then one line and exit 2 like any other user error, instead of the usage
+  text; `--help` still prints the usage and exits 0.
+  """
+
+  def error(self, message: str):
+    raise UserError(message, "command line", f"see {self.prog} --help")
 
 
 # ---------------------------------------------------------------------------------------------------------------
