@@ -138,6 +138,18 @@ def in_range(value: Any, where: str, lo: float, hi: float, *, lo_open: bool = Fa
   return v
 
 
+MPP_RANGE = (0.01, 10.0)
+"""Resolutions a command accepts, in µm/px: from far beyond optical resolution to a low-power thumbnail."""
+
+
+def mpp(value: Any, where: str) -> float:
+  """A resolution in µm/px: a finite number in `MPP_RANGE`. Returns it as float."""
+  v = positive(value, where, unit="µm/px")
+  if not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
+    raise UserError(f"must be in [{MPP_RANGE[0]:g}, {MPP_RANGE[1]:g}] µm/px", where, f"got {v:g} µm/px")
+  return v
+
+
 def positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
   """An int > 0 (>= 0 with allow_zero)."""
   if isinstance(value, bool) or not isinstance(value, (int,)) and not (isinstance(value, float)
