@@ -81,10 +81,8 @@ def test_cli_sweep_and_threshold(tmp_path, capsys):
   r = json.loads(out2.read_text())[0]
   assert r["score_threshold"] == 0.1 and r["detection"]["tp"] == 4
   (tmp_path / "bad.json").write_text("{}")
-  with pytest.raises(SystemExit):
-    score.main(["--predictions", pred, "--labels", lab, "--mpp", "0.5", "--threshold-from", str(tmp_path / "bad.json")])
-  with pytest.raises(SystemExit):
-    score.main(["--predictions", pred, "--labels", lab, "--mpp", "0.5", "--sweep", "auto",
-                "--score-threshold", "0.5"])
-  with pytest.raises(SystemExit):
-    score.main(["--predictions", pred, "--labels", lab, "--mpp", "0.5", "--sweep", "auto", "--select", "x"])
+  assert score.main(["--predictions", pred, "--labels", lab, "--mpp", "0.5",
+                     "--threshold-from", str(tmp_path / "bad.json")]) == 2
+  assert score.main(["--predictions", pred, "--labels", lab, "--mpp", "0.5", "--sweep", "auto",
+                     "--score-threshold", "0.5"]) == 2
+  assert score.main(["--predictions", pred, "--labels", lab, "--mpp", "0.5", "--sweep", "auto", "--select", "x"]) == 2
