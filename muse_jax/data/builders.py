@@ -37,7 +37,18 @@ def _string_feature():
   return tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
-class BrcaM2c(tfds.core.GeneratorBasedBuilder):
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder from local files: no "Downloading and preparing dataset ..." line (nothing is downloaded; `prepare`
+  says what it built or reused)."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
+class BrcaM2c(_LocalBuilder):
   """BRCA-M2C (TCGA breast, 3 nucleus classes, points) from its published folder layout."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -81,7 +92,7 @@ class BrcaM2c(tfds.core.GeneratorBasedBuilder):
     self.errors += errors
 
 
-class Regions(tfds.core.GeneratorBasedBuilder):
+class Regions(_LocalBuilder):
   """Unlabelled pretraining regions with nucleus coordinates (for MUSE's NuLo)."""
 
   VERSION = tfds.core.Version('1.0.0')
