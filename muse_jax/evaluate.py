@@ -9,18 +9,23 @@ linear only).
 `--data_dir bundled` uses the small BRCA-M2C sample inside the package. `--all` runs the grid mpp {0.5, 0.25} x
 size {224, 512} x protocols and writes one table (BRCA-M2C's mpp 0.25 is an upsampled substitute, marked †).
 Writes results.json, results.md and confusion-matrix PNGs to `--out`, and prints the Markdown table.
+
+Every flag is checked before any work starts (`runner.validate_config`: mpp in [0.0625, 4] µm/px, size a multiple
+of 32 in [224, 2048], epochs / batch sizes / seeds integers, the backbone source and data folder exist); a user
+error is one line `error: <what> (<where>): <why>` on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from muse_jax import cli
 from muse_jax.evaluation import runner
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   d = runner.default_config()
-  p = argparse.ArgumentParser(prog="python -m muse_jax.evaluate", description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m muse_jax.evaluate", description=__doc__.splitlines()[0])
   p.add_argument("--backbone", required=True,
                  help="backbone directory, random:<variant> (tiny, vit_s16, ...) or raw:<px> (the raw-pixel "
                       "baseline: ImageNet-normalised <px> x <px> pixels centred on each nucleus, e.g. raw:16)")
@@ -43,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
   a = parse_args(argv)
   cfg = runner.default_config()
   for key in ("backbone", "backbone_seed", "method", "dataset", "data_dir", "protocols", "mpp", "size", "all",
@@ -54,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
   print(out["markdown"])
   print(f"wrote {a.out or 'runs/eval'}/results.json, results.md, confusion_*.png")
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The CLI; a user error is one line on stderr and exit code 2 (`cli.run`)."""
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ mpp {0.5, 0.25} x size {224, 512} x protocols, and writes to `workdir`:
   confusion_<setting>_<protocol>.png
 
 Protocol settings default to the spec (§5.3-§5.5); anything changed (e.g. fewer linear epochs) is recorded in
-the JSON and printed under the table.
+the JSON and printed under the table. `run` first checks every config field (`validate_config`: types, mpp in
+`EVAL_MPP_RANGE`, sizes, epochs, batch sizes, k, rates, the backbone source and the data folder) and raises
+`cli.UserError` naming the field before any work starts.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Any
 
 import ml_collections
 
+from muse_jax import cli
+from muse_jax.cli import UserError
 from muse_jax.evaluation import features as features_lib
 from muse_jax.evaluation import finetune as finetune_lib
 from muse_jax.evaluation import knn as knn_lib
@@ -31,6 +35,10 @@ PROTOCOLS = ("knn", "linear", "finetune")
 SPLITS = ("train", "val", "test")
 GRID_MPPS = (0.5, 0.25)
 GRID_SIZES = (224, 512)
+EVAL_MPP_RANGE = (0.0625, 4.0)
+"""Target resolutions accepted, µm/px: BRCA-M2C's 0.5 µm/px tiles resampled at most 8x either way."""
+SIZE_MULTIPLE = 32  # image sides a multiple of every backbone's stride (ViT patch 8 / 16, ResNet-50 output stride 32)
+MAX_SIZE = 2048
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,13 +69,106 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _int(value: Any, where: str, *, allow_zero: bool = False) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise UserError("not an integer", where, f"got {value!r}")
+  return cli.positive_int(value, where, allow_zero=allow_zero)
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+                    check_backbone: bool = True) -> None:
+  """Checks every field of an evaluation config (types, ranges, paths) before any work starts.
+
+  Raises:
+    UserError naming the field as its `evaluate` flag (`--mpp`, ...) or `config.<field>` when it has none.
+  """
+  parse_protocols(config.protocols)
+  class_names_for(config.dataset)
+  if not isinstance(config.backbone, str) or not config.backbone:
+    raise UserError("not a backbone source", "--backbone", f"got {config.backbone!r}")
+  if check_backbone:
+    _check_backbone_source(config.backbone)
+  _int(config.backbone_seed, "--backbone_seed", allow_zero=True)
+  _int(config.seed, "--seed", allow_zero=True)
+  if not isinstance(config.method, str):
+    raise UserError("not a string", "--method", f"got {config.method!r}")
+  if not config.all:
+    mpp = cli.mpp(config.mpp, "--mpp")
+    if not EVAL_MPP_RANGE[0] <= mpp <= EVAL_MPP_RANGE[1]:
+      raise UserError(f"must be in [{EVAL_MPP_RANGE[0]:g}, {EVAL_MPP_RANGE[1]:g}] µm/px", "--mpp",
+                      f"got {mpp:g} µm/px (the 0.5 µm/px tiles are resampled at most 8x)")
+  valid = _int(config.valid, "config.valid")
+  sizes = GRID_SIZES if config.all else (config.size,)
+  for size in sizes:
+    size = _int(size, "--size")
+    if size < valid or size > MAX_SIZE or size % SIZE_MULTIPLE:
+      raise UserError(f"must be a multiple of {SIZE_MULTIPLE} in [{valid}, {MAX_SIZE}] px", "--size",
+                      f"got {size} (the valid window is {valid} px)")
+  if config.pad_mode not in ("reflect", "constant"):
+    raise UserError("not a pad mode", "--pad_mode", f"got {config.pad_mode!r}, expected reflect or constant")
+  for key, flag in (("batch_size", "--batch_size"), ("linear_epochs", "--linear_epochs"),
+                    ("linear_batch_size", "config.linear_batch_size"), ("finetune_epochs", "--finetune_epochs"),
+                    ("finetune_batch_size", "config.finetune_batch_size")):
+    _int(config[key], flag)
+  cli.positive(config.linear_lr, "config.linear_lr", upper=10.0)
+  cli.positive(config.finetune_lr, "--finetune_lr", allow_zero=True, upper=1.0)
+  cli.positive(config.knn_temperature, "config.knn_temperature", upper=100.0)
+  ks = config.knn_ks
+  if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks:
+    raise UserError("not a non-empty list of integers", "config.knn_ks", f"got {ks!r}")
+  for k in ks:
+    _int(k, "config.knn_ks")
+  for key in ("all", "progress"):
+    if not isinstance(config[key], bool):
+      raise UserError("not true or false", f"config.{key}", f"got {config[key]!r}")
+  _check_data_dir(config.dataset, config.data_dir)
+  if workdir is not None and pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+    raise UserError("not a folder", "--out", f"{workdir} is a file")
+
+
+def _check_backbone_source(source: str) -> None:
+  """`random:<known variant>`, `raw:<px>` or an existing directory; UserError otherwise."""
+  try:
+    if features_lib.parse_raw_source(source) is not None:
+      return
+  except ValueError as e:
+    raise UserError("bad raw-pixel source", "--backbone", str(e)) from None
+  if source.startswith("random:"):
+    from configs import models as model_configs  # pylint: disable=import-outside-toplevel
+
+    if source[len("random:"):] not in model_configs.VARIANTS:
+      raise UserError("unknown model variant", "--backbone", f"got {source!r}, expected random:<one of "
+                      f"{', '.join(model_configs.VARIANTS)}>")
+    return
+  if "://" in source:  # a cloud path: checked when it is opened
+    return
+  p = pathlib.Path(source)
+  if not p.exists():
+    raise UserError("no such backbone directory", "--backbone",
+                    f"{source} (expected a backbone directory, random:<variant> or raw:<px>)")
+  if not p.is_dir():
+    raise UserError("not a backbone directory", "--backbone", f"{source} is a file")
+
+
+def _check_data_dir(dataset: str, data_dir: Any) -> None:
+  """'bundled', a raw folder of `dataset`, or a TFDS data dir holding `<dataset>/` records; UserError otherwise."""
+  if data_dir is None or str(data_dir) == "bundled":
+    return
+  p = pathlib.Path(str(data_dir))
+  if not p.is_dir():
+    raise UserError("no such folder" if not p.exists() else "not a folder", "--data_dir", str(p))
+  if not ((p / "brca_ds_train.txt").exists() or (p / dataset).is_dir()):
+    raise UserError(f"neither a {dataset} folder nor prepared records", "--data_dir",
+                    f"{p} has no brca_ds_train.txt and no {dataset}/ (python -m muse_jax.data.prepare --out DIR)")
+
+
 def class_names_for(dataset: str) -> list[str]:
   """The class map of a dataset, by id."""
   from muse_jax.data import readers  # pylint: disable=import-outside-toplevel
 
   if dataset == "brca_m2c":
     return list(readers.BRCA_CLASSES)
-  raise ValueError(f"dataset {dataset!r}: no class map known (expected 'brca_m2c')")
+  raise UserError("no class map known", "--dataset", f"got {dataset!r}, expected 'brca_m2c'")
 
 
 def method_label(source: str, model_cfg: ml_collections.ConfigDict) -> str:
@@ -85,7 +186,7 @@ def parse_protocols(protocols: str | Sequence[str]) -> list[str]:
   items = [p.strip() for p in (protocols.split(",") if isinstance(protocols, str) else protocols) if p.strip()]
   bad = [p for p in items if p not in PROTOCOLS]
   if bad or not items:
-    raise ValueError(f"protocols {items!r}: expected a non-empty subset of {PROTOCOLS}")
+    raise UserError("not a non-empty subset of knn, linear, finetune", "--protocols", f"protocols {items!r}")
   return [p for p in PROTOCOLS if p in items]
 
 
@@ -135,11 +236,11 @@ def load_tiles(dataset: str, data_dir: str, *, mpp: float, size: int, valid: int
       if _cache is not None:
         _cache[key] = samples
     if not samples:
-      raise ValueError(f"dataset {dataset!r} at {data_dir}: split {split!r} is empty (no samples)")
+      raise UserError(f"split {split!r} is empty (no samples)", "--data_dir", f"dataset {dataset!r} at {data_dir}")
     tiles = eval_tiles.make_eval_tiles(samples, target_mpp=mpp, size=size, valid=valid, pad_mode=pad_mode)
     if not tiles:
-      raise ValueError(f"dataset {dataset!r} at {data_dir}: split {split!r} has no labelled nuclei "
-                       f"at mpp {mpp} (empty split)")
+      raise UserError(f"split {split!r} has no labelled nuclei at mpp {mpp} (empty split)", "--data_dir",
+                      f"dataset {dataset!r} at {data_dir}")
     out[split] = tiles
   return out
 
@@ -159,7 +260,8 @@ def evaluate_setting(model_cfg: ml_collections.ConfigDict, variables: dict, tile
   t0 = time.perf_counter()
   if model_cfg.get("arch") == "raw":
     if "finetune" in protocols:
-      raise ValueError("the raw-pixel baseline has no network to fine-tune: use --protocols knn,linear")
+      raise UserError("the raw-pixel baseline has no network to fine-tune", "--protocols",
+                      "use --protocols knn,linear")
     fn = features_lib.RawPatchFeatureFn(model_cfg.patch_size)
   else:
     fn = features_lib.make_feature_fn(model_cfg, variables, image_size=size)
@@ -229,7 +331,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = N
   Returns:
     {'rows': [...], 'markdown': str, 'config': dict, 'notes': [...]} (rows as in `report`).
   """
+  validate_config(config, workdir, check_backbone=backbone is None)
   protocols = parse_protocols(config.protocols)
+  if "finetune" in protocols and features_lib.parse_raw_source(config.backbone) is not None and backbone is None:
+    raise UserError("the raw-pixel baseline has no network to fine-tune", "--protocols", "use --protocols knn,linear")
   class_names = class_names_for(config.dataset)
   model_cfg, variables = load_backbone(backbone or config.backbone, config.backbone_seed)
   method = config.method or method_label(config.backbone, model_cfg)
