@@ -15,7 +15,6 @@ demo never needs editing to gain the accuracy table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -110,14 +109,27 @@ def run_demo(workdir: str, steps: int = DEMO_STEPS, budget_s: float | None = DEM
           "health": out["health"]}
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _main(argv: list[str] | None) -> int:
+  from muse_jax import cli  # pylint: disable=import-outside-toplevel
+  p = cli.ArgumentParser(prog="python -m muse_jax.demo", description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--steps", type=int, default=DEMO_STEPS)
   p.add_argument("--budget_s", type=float, default=DEMO_BUDGET_S, help="training time budget in seconds")
   p.add_argument("--seed", type=int, default=0, help="seed of the pretraining and of the random-init baseline")
   args = p.parse_args(argv)
+  cli.positive_int(args.steps, "--steps")
+  cli.positive(args.budget_s, "--budget_s", unit="s")
+  cli.positive_int(args.seed, "--seed", allow_zero=True)
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise cli.UserError("not a folder", "--workdir", f"{args.workdir} is a file")
   run_demo(args.workdir, args.steps, args.budget_s, args.seed)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The CLI; a user error (a bad flag, or one raised while training) is one line on stderr and exit code 2."""
+  from muse_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
@@ -125,4 +137,4 @@ if __name__ == "__main__":
   from absl import flags as _flags  # grain workers need absl flags parsed (ENV.md gotcha 2)
   if not _flags.FLAGS.is_parsed():
     _flags.FLAGS.mark_as_parsed()
-  main()
+  sys.exit(main())
