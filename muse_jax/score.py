@@ -92,6 +92,8 @@ def _class_index(name: str | None, class_names: list[str], where: str, *, allow_
   key = "" if name is None else str(name).strip()
   if not key and allow_unknown:
     return -1
+  if not key:
+    raise UserError("missing class", f"{where}, column class", "the row is empty there or shorter than the header")
   low = {n.lower(): i for i, n in enumerate(class_names)}
   if key.lower() in low:
     return low[key.lower()]
