@@ -7,15 +7,20 @@ QuPath (0.4, 0.5, 0.6) imports the GeoJSON of `write_points_geojson` with File >
 the file onto the image): a FeatureCollection with one `Point` feature per nucleus, `properties.objectType`
 'annotation' (default; editable point annotations) or 'detection' (lighter for hundreds of thousands of nuclei),
 `properties.classification = {'name', 'color': [r, g, b]}` and `properties.measurements = {'score': ...}`.
+
+Every writer writes to a temporary name beside the target and renames it when complete (`atomic_path`), so a killed
+run never leaves a truncated CSV or an invalid GeoJSON under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import pathlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,29 @@ KNOWN_COLORS = {
 _PALETTE = [(255, 127, 14), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34),
             (23, 190, 207), (31, 119, 180)]
 OBJECT_TYPES = ("annotation", "detection")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary path beside `path`; renames it to `path` when the block ends without an error.
+
+  On an error the temporary file is removed and `path` keeps its old content (or stays absent).
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> str:
+  """Writes `text` to `path` through a temporary file and a rename. Returns the path."""
+  with atomic_path(path) as tmp:
+    tmp.write_text(text)
+  return os.fspath(path)
 
 
 def class_colors(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
@@ -59,7 +87,7 @@ def write_points_csv(path: str | os.PathLike, points: Any, classes: Any, scores:
                      class_names: Sequence[str]) -> str:
   """Writes `x,y,class,score` rows (class as its name; x, y in px with 2 decimals). Returns the path."""
   pts, cls, sc = _check(points, classes, scores, class_names)
-  with open(path, "w", newline="") as f:
+  with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["x", "y", "class", "score"])
     for (x, y), c, s in zip(pts, cls, sc):
@@ -128,8 +156,9 @@ def points_to_geojson(points: Any, classes: Any, scores: Any, class_names: Seque
 def write_points_geojson(path: str | os.PathLike, points: Any, classes: Any, scores: Any,
                          class_names: Sequence[str], **kwargs: Any) -> str:
   """Writes `points_to_geojson(...)` to `path` (kwargs: colors, object_type, offset). Returns the path."""
-  with open(path, "w") as f:
-    json.dump(points_to_geojson(points, classes, scores, class_names, **kwargs), f)
+  collection = points_to_geojson(points, classes, scores, class_names, **kwargs)
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    json.dump(collection, f)
   return os.fspath(path)
 
 
@@ -155,5 +184,8 @@ def draw_overlay(image: np.ndarray, points: Any, classes: Any, class_names: Sequ
                  width=max(1, radius // 3))
   out = np.asarray(im)
   if path is not None:
-    im.save(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(pathlib.Path(path).suffix.lower(),
+                                                                                "PNG")
+    with atomic_path(path) as tmp:
+      im.save(tmp, format=fmt)
   return out

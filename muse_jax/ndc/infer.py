@@ -14,22 +14,40 @@ Documented handling of awkward input:
 - nothing found: empty arrays (`points` [0, 2]), never an error.
 - `mpp` of the image differs from the model's by more than `mpp_tolerance` (10 %): the image is resampled to the
   model's mpp and the points mapped back to the input's pixels (`rescale=False` raises instead); a non-positive,
-  non-finite or implausible mpp (outside [0.05, 20] µm/px) raises `ValueError`.
-- class names given by the caller that differ from the checkpoint's: `ValueError` naming both lists.
+  non-finite or implausible mpp (outside [0.05, 20] µm/px) raises `cli.UserError` (a `ValueError`).
+- class names given by the caller that differ from the checkpoint's: `cli.UserError` naming both lists.
+- a missing, cut-short or foreign checkpoint, or bad inference settings in it: `cli.UserError` naming the file or
+  field (the CLIs print it as one line and exit 2).
 
 Seams: windows overlap by `overlap` px. Each window keeps only the points in the part of the image it owns (the
 overlaps are split at their middle), so no location is reported by two windows; a final image-level point NMS
 (same radius) merges one nucleus seen at slightly different positions on the two sides of a boundary.
 
 Checkpoint layout (written by `save_predictor`, read by `from_checkpoint`): `ndc_config.json` (model config, head
-config, class names, mpp, inference defaults) and `variables/` (Orbax, `{'params', 'batch_stats'}` of `NDCModel`).
+config, class names, mpp, inference defaults, and optionally `threshold`: the score threshold chosen on the
+validation split with its source) and `variables/` (Orbax, `{'params', 'batch_stats'}` of `NDCModel`).
+
+Score threshold: the one a `Predictor` uses comes, in this order, from the caller (`--score-threshold`), the
+checkpoint's `threshold` (chosen on val), the checkpoint's inference defaults (`infer.score_threshold`, a config
+value that nobody tuned), or 0.5; `Predictor.threshold_source` says which. A threshold chosen on val is attached to
+an existing checkpoint with
+
+    python -m muse_jax.predict --checkpoint CK --inputs VAL_IMAGES --mpp 0.5 --out val_pred --score-threshold 0.05
+    python -m muse_jax.score --predictions val_pred --labels BRCA-M2C --split val --mpp 0.5 --sweep auto \\
+        --json val_sweep.json
+    python -m muse_jax.ndc.infer --checkpoint CK --threshold-from val_sweep.json   # or --score-threshold T
+
+(`store_threshold`; `save_predictor(..., score_threshold=, threshold_source=)` does the same at export time).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,12 +58,13 @@ import numpy as np
 from etils import epath
 from scipy.spatial import cKDTree
 
-from muse_jax import ops
+from muse_jax import cli, ops
 from muse_jax.ndc import head as head_lib
 
 CONFIG_FILE = "ndc_config.json"
 VARIABLES_DIR = "variables"
 MPP_RANGE = (0.05, 20.0)
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 
 def point_nms(points: np.ndarray, scores: np.ndarray, radius: float) -> np.ndarray:
@@ -98,14 +117,22 @@ def _empty() -> dict[str, np.ndarray]:
 
 
 def check_mpp(mpp: Any, what: str = "mpp") -> float:
+  """A plausible µm/px value, as float; else `cli.UserError` (a `ValueError`) naming `what`."""
   try:
+    if isinstance(mpp, bool):
+      raise TypeError
     v = float(mpp)
   except (TypeError, ValueError):
-    raise ValueError(f"{what}: got {mpp!r}, expected a number of µm per pixel") from None
+    raise cli.UserError("not a number of µm per pixel", what, f"got {mpp!r}") from None
   if not math.isfinite(v) or not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
-    raise ValueError(f"{what}: got {mpp!r} µm/px, expected a value in [{MPP_RANGE[0]}, {MPP_RANGE[1]}] "
-                     "(0.25 is 40x, 0.5 is 20x)")
+    raise cli.UserError(f"µm/px must be in [{MPP_RANGE[0]}, {MPP_RANGE[1]}]", what,
+                        f"got {mpp!r} (0.25 is 40x, 0.5 is 20x)")
   return v
+
+
+def check_score_threshold(value: Any, what: str = "score_threshold") -> float:
+  """A score threshold in [0, 1], as float; else `cli.UserError` naming `what`."""
+  return cli.in_range(value, what, 0.0, 1.0)
 
 
 def _resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -115,9 +142,13 @@ def _resize(image: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def save_predictor(path: str | os.PathLike, model_cfg: Any, head_cfg: Any, class_names: Sequence[str], mpp: float,
-                   variables: dict[str, Any], infer_cfg: Any | None = None, extra: dict[str, Any] | None = None
-                   ) -> epath.Path:
-  """Writes an NDC checkpoint directory (see the module docstring). Returns its path."""
+                   variables: dict[str, Any], infer_cfg: Any | None = None, extra: dict[str, Any] | None = None,
+                   score_threshold: float | None = None, threshold_source: str | None = None) -> epath.Path:
+  """Writes an NDC checkpoint directory (see the module docstring). Returns its path.
+
+  `score_threshold` (optional): the threshold chosen on the validation split, used by default at inference
+  (`threshold_source` says how it was chosen, e.g. "val sweep, best mcspatnet/f_det").
+  """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   path = epath.Path(os.path.abspath(os.fspath(path)))
@@ -140,9 +171,129 @@ def save_predictor(path: str | os.PathLike, model_cfg: Any, head_cfg: Any, class
   to_dict = lambda c: c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c or {})  # noqa: E731
   cfg = {"model": to_dict(model_cfg), "head": to_dict(head_cfg), "class_names": list(class_names),
          "mpp": float(mpp), "infer": to_dict(infer_cfg), "extra": extra or {}}
+  if score_threshold is not None:
+    cfg["threshold"] = {"score_threshold": check_score_threshold(score_threshold),
+                        "source": str(threshold_source or "given to save_predictor")}
   if main:
-    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+    _write_config(path, cfg)
   return path
+
+
+def _write_config(path: epath.Path, cfg: dict[str, Any]) -> None:
+  tmp = path / (CONFIG_FILE + ".tmp")
+  tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+  os.replace(os.fspath(tmp), os.fspath(path / CONFIG_FILE))
+
+
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
+  """The NDC checkpoint directory of `path` (itself, or its `export/`); `cli.UserError` if there is none."""
+  p = epath.Path(os.path.abspath(os.fspath(path)))
+  if not p.exists():
+    raise cli.UserError("does not exist", os.fspath(path), "expected an NDC checkpoint directory (`export/` of "
+                        "`python -m muse_jax.finetune`) or the fine-tuning workdir")
+  if not p.is_dir():
+    raise cli.UserError("is a file, not a directory", os.fspath(path), "expected an NDC checkpoint directory "
+                        "(`export/` of `python -m muse_jax.finetune`) or the fine-tuning workdir")
+  if not (p / CONFIG_FILE).exists() and (p / "export" / CONFIG_FILE).exists():
+    p = p / "export"
+  if not (p / CONFIG_FILE).exists():
+    raise cli.UserError(f"not an NDC checkpoint (no {CONFIG_FILE})", os.fspath(path),
+                        "expected the `export/` folder written by `python -m muse_jax.finetune` or the "
+                        "fine-tuning workdir")
+  return p
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[epath.Path, dict[str, Any]]:
+  """`(checkpoint dir, parsed ndc_config.json)` without loading the weights; `cli.UserError` when unreadable."""
+  p = checkpoint_dir(path)
+  try:
+    cfg = json.loads((p / CONFIG_FILE).read_text())
+  except (OSError, ValueError) as e:
+    raise cli.UserError("unreadable checkpoint config", os.fspath(p / CONFIG_FILE), f"{type(e).__name__}: {e}"
+                        ) from None
+  missing = [k for k in ("model", "head", "class_names", "mpp") if k not in cfg]
+  if not isinstance(cfg, dict) or missing:
+    raise cli.UserError("not an NDC checkpoint config", os.fspath(p / CONFIG_FILE), f"missing {missing}")
+  if not (p / VARIABLES_DIR).is_dir():
+    raise cli.UserError(f"checkpoint without {VARIABLES_DIR}/", os.fspath(p), "the export was cut short; export "
+                        "again")
+  return p, cfg
+
+
+def store_threshold(path: str | os.PathLike, score_threshold: float, source: str) -> epath.Path:
+  """Attaches a score threshold chosen on val to an existing NDC checkpoint (rewrites `ndc_config.json`)."""
+  p, cfg = read_checkpoint_config(path)
+  cfg["threshold"] = {"score_threshold": check_score_threshold(score_threshold), "source": str(source)}
+  _write_config(p, cfg)
+  return p
+
+
+def threshold_from_sweep(sweep_json: str | os.PathLike) -> tuple[float, str]:
+  """`(best_threshold, source text)` of a `python -m muse_jax.score --sweep ... --json` file."""
+  try:
+    res = json.loads(epath.Path(sweep_json).read_text())
+    t = res["best_threshold"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise cli.UserError("not a readable `python -m muse_jax.score --sweep ... --json` file", os.fspath(sweep_json),
+                        f"{type(e).__name__}: {e}") from None
+  t = check_score_threshold(t, f"{sweep_json}: best_threshold")
+  n = len(res.get("thresholds") or [])
+  return t, f"score --sweep {os.path.abspath(os.fspath(sweep_json))}: best by {res.get('select')} of {n} thresholds"
+
+
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95 (`score --sweep auto`)
+
+
+def choose_threshold(predictor: "Predictor", samples: Sequence[Any], mode: str, radius_um: float,
+                     thresholds: Sequence[float] = SWEEP_THRESHOLDS) -> dict[str, Any]:
+  """The score threshold maximising detection F1 on `samples` (the validation split), as `score --sweep` does.
+
+  Predicts every sample once at the lowest threshold and filters the points for the others (the same points as
+  predicting at each threshold: the point NMS is greedy by descending score, so lower scores never remove higher
+  ones). Ties go to the lower threshold.
+
+  Args:
+    predictor: the model; its `score_threshold` is restored afterwards.
+    samples: objects with `image` (uint8 [H, W, 3]), `mpp`, `coords` ([N, 2] (x, y) px) and `classes` ([N]).
+    mode: a `muse_jax.ndc.metrics` matching mode (e.g. 'mcspatnet').
+    radius_um: matching radius in µm.
+    thresholds: candidates in [0, 1].
+
+  Returns:
+    `{'score_threshold', 'f_det', 'source'}` (`source`: how it was chosen, for `save_predictor`).
+  """
+  from muse_jax.ndc import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+
+  ts = sorted(check_score_threshold(t, "thresholds") for t in thresholds)
+  old = predictor.score_threshold
+  predictor.score_threshold = ts[0]
+  try:
+    preds = [predictor.predict_image(s.image, s.mpp) for s in samples]
+  finally:
+    predictor.score_threshold = old
+  gts = [{"points": s.coords, "classes": s.classes} for s in samples]
+  best_t, best_f = ts[0], -math.inf
+  for t in ts:
+    kept = [{k: v[p["scores"] >= t] for k, v in p.items()} for p in preds]
+    f = metrics_lib.evaluate(kept, gts, mode=mode, class_names=predictor.class_names, mpp=[s.mpp for s in samples],
+                             radius_um=radius_um)["detection"]["f1"]
+    f = -math.inf if f is None else float(f)
+    if f > best_f:
+      best_t, best_f = t, f
+  f_det = None if best_f == -math.inf else best_f
+  return {"score_threshold": best_t, "f_det": f_det,
+          "source": f"val sweep at the export: best {mode}/f_det"
+                    f"{'' if f_det is None else f' = {f_det:.4f}'} over {len(ts)} thresholds on {len(samples)} images"}
+
+
+def variables_sha256(variables: Any) -> str:
+  """SHA-256 of a variables pytree by content (leaf paths, dtypes, shapes and bytes): the model's identity."""
+  h = hashlib.sha256()
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(kp)}|{a.dtype.str}|{a.shape}\n".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 def build_forward(module: Any, num_classes: int, max_detections: int, mesh: jax.sharding.Mesh | None = None):
@@ -221,21 +372,31 @@ class Predictor:
 
   def __init__(self, model_cfg: Any, head_cfg: Any, variables: dict[str, Any], class_names: Sequence[str],
                mpp: float, *, window: int = 256, overlap: int = 32, batch_size: int = 8,
-               score_threshold: float = 0.5, nms_radius_um: float = 3.0, max_detections: int = 4096,
+               score_threshold: float = DEFAULT_SCORE_THRESHOLD, nms_radius_um: float = 3.0, max_detections: int = 4096,
                mpp_tolerance: float = 0.1, mesh: jax.sharding.Mesh | None = None):
     self.model_cfg = model_cfg
     self.head_cfg = head_cfg
     self.class_names = [str(c) for c in class_names]
+    if not self.class_names:
+      raise cli.UserError("no class names", "class_names")
     self.mpp = check_mpp(mpp, "checkpoint mpp")
     self.module = head_lib.build_model(model_cfg, head_cfg, len(self.class_names))
     self.multiple = math.lcm(head_lib.input_multiple(model_cfg), int(head_cfg.stride))
+    window = cli.positive_int(window, "window")
     if window % self.multiple:
-      raise ValueError(f"window: got {window}, expected a multiple of {self.multiple}")
-    if not 0 <= overlap < window:
-      raise ValueError(f"overlap: got {overlap}, expected 0 <= overlap < window ({window})")
-    self.window, self.overlap, self.batch_size = int(window), int(overlap), int(batch_size)
-    self.score_threshold, self.nms_radius_um = float(score_threshold), float(nms_radius_um)
-    self.max_detections, self.mpp_tolerance = int(max_detections), float(mpp_tolerance)
+      raise cli.UserError(f"must be a multiple of {self.multiple} (the model's patch size and head stride)",
+                          "window", f"got {window}")
+    overlap = cli.positive_int(overlap, "overlap", allow_zero=True)
+    if overlap >= window:
+      raise cli.UserError(f"must be < the window ({window} px)", "overlap", f"got {overlap}")
+    self.window, self.overlap, self.batch_size = window, overlap, cli.positive_int(batch_size, "batch_size")
+    self.score_threshold = check_score_threshold(score_threshold)
+    self.nms_radius_um = cli.positive(nms_radius_um, "nms_radius_um", allow_zero=True, upper=100.0, unit="µm")
+    self.max_detections = cli.positive_int(max_detections, "max_detections")
+    self.mpp_tolerance = cli.positive(mpp_tolerance, "mpp_tolerance", allow_zero=True, upper=1.0)
+    self.threshold_source = "given to Predictor"
+    self.checkpoint: str | None = None
+    self.fingerprint: dict[str, Any] | None = None
     self.variables = jax.device_put({k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")})
     self._forward = build_forward(self.module, len(self.class_names), self.max_detections, mesh)
 
@@ -250,22 +411,39 @@ class Predictor:
     """
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    p = epath.Path(os.path.abspath(os.fspath(path)))
-    if not (p / CONFIG_FILE).exists() and (p / "export" / CONFIG_FILE).exists():
-      p = p / "export"
-    if not (p / CONFIG_FILE).exists():
-      raise FileNotFoundError(f"{path}: not an NDC checkpoint (no {CONFIG_FILE}); expected the `export/` folder "
-                              "written by `python -m muse_jax.finetune` or the fine-tuning workdir")
-    cfg = json.loads((p / CONFIG_FILE).read_text())
+    p, cfg = read_checkpoint_config(path)
     from muse_jax import backbone_io  # pylint: disable=import-outside-toplevel
 
-    model_cfg = backbone_io.config_from_json(cfg["model"])
-    head_cfg = ml_collections.ConfigDict(cfg["head"])
-    variables = ocp.StandardCheckpointer().restore(p / VARIABLES_DIR)
+    try:
+      model_cfg = backbone_io.config_from_json(cfg["model"])
+      head_cfg = ml_collections.ConfigDict(cfg["head"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise cli.UserError("incompatible checkpoint config", os.fspath(p / CONFIG_FILE),
+                          f"{type(e).__name__}: {e}") from None
+    try:
+      variables = ocp.StandardCheckpointer().restore(p / VARIABLES_DIR)
+    except Exception as e:  # noqa: BLE001  (Orbax raises many types for a cut-short or foreign directory)
+      raise cli.UserError("cannot read the checkpoint's weights", os.fspath(p / VARIABLES_DIR),
+                          f"{type(e).__name__}: {e}") from None
     kwargs = {k: v for k, v in (cfg.get("infer") or {}).items()
               if k in ("window", "overlap", "batch_size", "score_threshold", "nms_radius_um", "max_detections")}
-    kwargs.update(overrides)
-    return cls(model_cfg, head_cfg, dict(variables), cfg["class_names"], cfg["mpp"], **kwargs)
+    chosen = cfg.get("threshold") or {}
+    if "score_threshold" in overrides and overrides["score_threshold"] is not None:
+      source = "--score-threshold"
+    elif chosen.get("score_threshold") is not None:
+      kwargs["score_threshold"] = chosen["score_threshold"]
+      source = f"the checkpoint, chosen on val: {chosen.get('source', 'no source recorded')}"
+    elif "score_threshold" in kwargs:
+      source = "the checkpoint's inference default infer.score_threshold (not chosen on val)"
+    else:
+      source = "the built-in default (the checkpoint has none)"
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    pred = cls(model_cfg, head_cfg, dict(variables), cfg["class_names"], cfg["mpp"], **kwargs)
+    pred.threshold_source = source
+    pred.checkpoint = os.fspath(p)
+    pred.fingerprint = {"variables_sha256": variables_sha256(variables), "class_names": pred.class_names,
+                        "model_mpp": pred.mpp}
+    return pred
 
   def check_class_names(self, class_names: Sequence[str] | None) -> None:
     """Raises ValueError if `class_names` (when given) differ from the checkpoint's."""
@@ -273,8 +451,8 @@ class Predictor:
       return
     names = [str(c) for c in class_names]
     if names != self.class_names:
-      raise ValueError(f"class names {names} do not match the checkpoint's {self.class_names} (same names in the "
-                       "same order expected; fine-tune a new head for other classes)")
+      raise cli.UserError(f"class names {names} do not match the checkpoint's {self.class_names}", "--class-names",
+                          "same names in the same order expected; fine-tune a new head for other classes")
 
   # ---------------------------------------------------------------------------------------------- inference
   def _raw_tiles(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,8 +523,8 @@ class Predictor:
     scale = mpp / self.mpp  # model px per input px
     if abs(scale - 1.0) > self.mpp_tolerance:
       if not rescale:
-        raise ValueError(f"mpp: image is at {mpp} µm/px but the model works at {self.mpp} µm/px; pass "
-                         "rescale=True (or --rescale) to resample")
+        raise cli.UserError(f"image is at {mpp} µm/px but the model works at {self.mpp} µm/px", "mpp",
+                            "pass rescale=True (drop --no-rescale) to resample")
       W1, H1 = max(1, round(W0 * scale)), max(1, round(H0 * scale))
       image = _resize(image, W1, H1)
     H, W = image.shape[:2]
@@ -374,3 +552,28 @@ class Predictor:
       p = (p + 0.5) * np.array([W0 / W, H0 / H], np.float32) - 0.5
     return {"points": p.astype(np.float32).reshape(-1, 2), "classes": c.astype(np.int32),
             "scores": s.astype(np.float32)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m muse_jax.ndc.infer --checkpoint CK (--threshold-from SWEEP.json | --score-threshold T)`."""
+  ap = argparse.ArgumentParser(prog="python -m muse_jax.ndc.infer",
+                               description="Attach a score threshold chosen on val to an NDC checkpoint "
+                                           "(used by default by muse_jax.predict and muse_jax.predict_slide).")
+  ap.add_argument("--checkpoint", required=True, help="NDC checkpoint directory (or the fine-tuning workdir)")
+  g = ap.add_mutually_exclusive_group(required=True)
+  g.add_argument("--threshold-from", help="a `python -m muse_jax.score --sweep ... --json` file of the val split")
+  g.add_argument("--score-threshold", help="a threshold in [0, 1] you chose on val")
+  ap.add_argument("--source", default=None, help="with --score-threshold: how it was chosen (stored with it)")
+  args = ap.parse_args(argv)
+  if args.threshold_from is not None:
+    t, source = threshold_from_sweep(args.threshold_from)
+  else:
+    t = check_score_threshold(args.score_threshold, "--score-threshold")
+    source = args.source or "--score-threshold of python -m muse_jax.ndc.infer"
+  p = store_threshold(args.checkpoint, t, source)
+  print(f"{p}: score threshold {t:g} stored ({source})")
+  return cli.EXIT_OK
+
+
+if __name__ == "__main__":
+  sys.exit(cli.run(main))
