@@ -11,6 +11,13 @@ degenerate one-level slide held in memory; they need the mpp from the user.
 Coordinates: `(x, y)` = (column, row). A region "at mpp m" is given in pixels of a virtual image of the whole slide
 resampled to m µm/px. `read_at_mpp` picks the coarsest pyramid level that is still at least as fine as m (within 1%),
 reads the covering box there and resamples it with Pillow (antialiased bilinear). Areas outside the slide are white.
+
+Pixel types: 8-bit RGB, RGBA (alpha dropped) and grey are read as they are. Other sample types are converted to 8
+bits when their range is known, and `Slide.pixel_note` says how (the CLI prints it, `summary.json` keeps it):
+unsigned 16-bit by the bit depth its coarsest level needs (8, 10, 12, 14 or 16 bits: 255 / (2^bits - 1)); float
+samples in [0, 1] times 255, float samples in [0, 255] as they are. Anything else (signed integers, 32-bit integers,
+float samples outside [0, 255] or NaN, channel counts other than 1, 3 and 4) is refused with `SlideError` naming the
+type, rather than read as garbage (a 16-bit slide cast to uint8 has no tissue).
 """
 from __future__ import annotations
 
@@ -22,17 +29,71 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from muse_jax import cli
+
 MPP_RANGE = (0.05, 20.0)  # µm/px accepted from metadata; outside it the value is treated as absent (e.g. 72 dpi)
 PAD_VALUE = 255
 _PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-class SlideError(ValueError):
-  """A file that is not a readable slide or image."""
+class SlideError(cli.UserError):
+  """A file that is not a readable slide or image (a user error: one line, exit 2 in the CLIs)."""
 
 
-class MissingMppError(ValueError):
-  """A slide whose metadata holds no usable resolution and no mpp was given."""
+class MissingMppError(cli.UserError):
+  """A slide whose metadata holds no usable resolution and no mpp was given (a user error)."""
+
+
+def pixel_conversion(dtype: np.dtype, sample: np.ndarray, what: str) -> tuple[float, str | None]:
+  """How samples of `dtype` become uint8: `(scale, note)` with uint8 = round(value * scale), note None for uint8.
+
+  Args:
+    dtype: the sample type of the slide or image.
+    sample: some of its pixels (the coarsest level), to find the range actually used.
+    what: the file, for messages.
+
+  Raises:
+    SlideError: a type or range that cannot be converted without guessing.
+  """
+  dtype = np.dtype(dtype)
+  if dtype == np.uint8:
+    return 1.0, None
+  if dtype == np.uint16:
+    top = int(sample.max()) if sample.size else 0
+    bits = next(b for b in (8, 10, 12, 14, 16) if top < 2 ** b)
+    scale = 255.0 / (2 ** bits - 1)
+    how = "used as they are" if bits == 8 else f"scaled to 8 bits by 255/{2 ** bits - 1} ({bits}-bit range)"
+    return scale, f"{what}: 16-bit samples (max {top} in the coarsest level), {how}"
+  if dtype.kind == "f":
+    sample = sample.astype(np.float64)
+    if sample.size and not np.isfinite(sample).all():
+      raise SlideError(f"{what}: float samples with NaN or inf; expected 8-bit RGB (or float in [0, 1] or [0, 255])")
+    lo, hi = (float(sample.min()), float(sample.max())) if sample.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 1.0:
+      return 255.0, f"{what}: {dtype.name} samples in [{lo:.3g}, {hi:.3g}], scaled to 8 bits by 255"
+    if lo >= 0 and hi <= 255.0:
+      return 1.0, f"{what}: {dtype.name} samples in [{lo:.3g}, {hi:.3g}], used as 8-bit values"
+    raise SlideError(f"{what}: {dtype.name} samples in [{lo:.3g}, {hi:.3g}] have no known 8-bit mapping; expected "
+                     "8-bit RGB, or float in [0, 1] or [0, 255]; convert the slide to 8-bit RGB")
+  raise SlideError(f"{what}: {dtype.name} samples are not supported; expected 8-bit RGB (16-bit unsigned and float "
+                   "in [0, 1] or [0, 255] are converted); convert the slide to 8-bit RGB")
+
+
+def _to_uint8(arr: np.ndarray, scale: float) -> np.ndarray:
+  if arr.dtype == np.uint8:
+    return arr
+  return np.clip(np.rint(arr.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(arr: np.ndarray, what: str) -> np.ndarray:
+  """[H, W] or [H, W, 1 | 3 | 4] -> [H, W, 3] (grey repeated, alpha dropped)."""
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+    raise SlideError(f"{what}: pixels of shape {arr.shape[2:] or '()'} per position; expected grey, RGB or RGBA")
+  if arr.shape[-1] == 1:
+    return np.repeat(arr, 3, -1)
+  return arr[..., :3]
 
 
 class Slide:
@@ -52,12 +113,18 @@ class Slide:
 
   def __init__(self, path: str | pathlib.Path, mpp: float | None = None):
     self.path = pathlib.Path(path)
+    if self.path.is_dir():
+      raise SlideError("is a directory, not a slide file", str(self.path),
+                       "expected an SVS / pyramidal TIFF file or a PNG/JPEG/TIFF image (folder formats such as "
+                       "MRXS are not supported)")
     if not self.path.is_file():
       raise FileNotFoundError(f"slide file {str(self.path)!r} does not exist")
     self._local = threading.local()
     self._handles: list = []
     self._lock = threading.Lock()
     self._array: np.ndarray | None = None
+    self._scale = 1.0
+    self.pixel_note: str | None = None
     meta_mpp = None
     try:
       ts = self._open_tiffslide()
@@ -68,6 +135,10 @@ class Slide:
       self.vendor = str(ts.properties.get("tiffslide.vendor") or "generic-tiff")
       self.level_dimensions = tuple((int(w), int(h)) for w, h in ts.level_dimensions)
       self.level_downsamples = tuple(float(d) for d in ts.level_downsamples)
+      series = ts.ts_tifffile.series[int(ts.properties.get("tiffslide.series-index") or 0)]
+      if np.dtype(series.dtype) != np.uint8:
+        coarse = np.asarray(series.levels[-1].asarray())
+        self._scale, self.pixel_note = pixel_conversion(series.dtype, coarse, str(self.path))
       mx, my = ts.properties.get("tiffslide.mpp-x"), ts.properties.get("tiffslide.mpp-y")
       if mx is not None:
         mx = float(mx)
@@ -84,8 +155,10 @@ class Slide:
       self.level_downsamples = (1.0,)
     self.dimensions = self.level_dimensions[0]
     if mpp is not None:
-      if not (isinstance(mpp, (int, float)) and MPP_RANGE[0] <= float(mpp) <= MPP_RANGE[1]):
-        raise ValueError(f"mpp={mpp!r} for {self.path}: expected µm/px in {MPP_RANGE} (0.25 at 40x, 0.5 at 20x)")
+      if not (isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and math.isfinite(float(mpp))
+              and MPP_RANGE[0] <= float(mpp) <= MPP_RANGE[1]):
+        raise cli.UserError(f"µm/px must be in [{MPP_RANGE[0]}, {MPP_RANGE[1]}]", "--mpp",
+                            f"got {mpp!r} for {self.path} (0.25 at 40x, 0.5 at 20x)")
       self.mpp, self.mpp_source = float(mpp), "user"
     elif meta_mpp is not None:
       self.mpp, self.mpp_source = meta_mpp, "metadata"
@@ -112,12 +185,18 @@ class Slide:
   def _open_plain(self, tiff_err: Exception) -> np.ndarray:
     try:
       with Image.open(self.path) as im:
-        return np.asarray(im.convert("RGB"))
+        if im.mode in ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr"):
+          return np.asarray(im.convert("RGB"))
+        arr = np.asarray(im)
     except Exception as err:
       raise SlideError(
           f"{self.path} is not a slide or image we can read: tiffslide said {type(tiff_err).__name__}: {tiff_err}; "
           f"Pillow said {type(err).__name__}: {err}. Expected an SVS / pyramidal TIFF, or a PNG/JPEG/TIFF image."
       ) from err
+    if arr.dtype.byteorder == ">":
+      arr = arr.astype(arr.dtype.newbyteorder("="))
+    self._scale, self.pixel_note = pixel_conversion(arr.dtype, arr, str(self.path))
+    return _to_rgb(_to_uint8(arr, self._scale), str(self.path))
 
   def __enter__(self) -> "Slide":
     return self
@@ -171,11 +250,8 @@ class Slide:
     ts = self._open_tiffslide()
     loc = (int(math.ceil(x0 * ds)), int(math.ceil(y0 * ds)))
     arr = np.asarray(ts.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True, padding=False))
-    if arr.shape[-1] == 1:
-      arr = np.repeat(arr, 3, -1)
-    elif arr.shape[-1] == 4:
-      arr = arr[..., :3]
-    out[y0 - y:y0 - y + arr.shape[0], x0 - x:x0 - x + arr.shape[1]] = arr.astype(np.uint8, copy=False)
+    arr = _to_rgb(_to_uint8(arr, self._scale), str(self.path))
+    out[y0 - y:y0 - y + arr.shape[0], x0 - x:x0 - x + arr.shape[1]] = arr
     return out
 
   def read_at_mpp(self, x: float, y: float, w: int, h: int, mpp: float) -> np.ndarray:

@@ -15,12 +15,18 @@
 4. every batch is streamed to `out_dir/parts/part_NNNNNN.npz` (level-0 points, classes, scores, tile, seam flag), then
    its tiles are appended to `parts/done.txt`. Memory stays flat: nothing but the batches in flight is held. A rerun
    with the same slide and settings skips the tiles listed there (resume after a crash or a `max_batches` stop; a
-   crash loses at most the batches in flight);
+   crash loses at most the batches in flight). `parts/meta.json` holds everything that determines the result (slide
+   path and size in bytes, mpp, model identity by content — `predictor.fingerprint`, e.g. the SHA-256 of the
+   checkpoint's variables —, score threshold, NMS and merge radii, tile, overlap, tissue-mask settings, package
+   version); a rerun with any of them different is refused with a `cli.UserError` naming each difference, unless
+   `config.restart` (`--restart`) discards the parts and starts over;
 5. seam pass: only the seam points (a band of 3r around each core border) are loaded together; a k-d tree merges
    pairs from different tiles within r of each other, keeping the higher score (greedy point-NMS);
 6. exports, streamed part by part: `nuclei.csv` (x, y in level-0 px, class name, score), `nuclei.geojson` (QuPath
    classified points, `muse_jax.outputs` layout), `summary.json` (counts and densities per mm² of tissue per class,
-   timings), `overlay.png` (thumbnail with nuclei drawn), `tissue.png` (the mask).
+   timings), `overlay.png` (thumbnail with nuclei drawn), `tissue.png` (the mask). Each is written under a temporary
+   name and renamed when complete; an earlier `summary.json` is removed before the parts are touched and the new
+   one is written last, so `summary.json` with `"complete": true` always describes the files beside it.
 
 The predictor protocol: any object with `predict_tiles(uint8 [B, S, S, 3]) -> list of B dicts` with `points` float
 [K, 2] (x, y in tile pixels), `classes` int [K], `scores` float [K]; attributes `class_names` (sequence of str), `mpp`
@@ -39,6 +45,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any, Protocol, Sequence
 
@@ -48,7 +55,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 from scipy.spatial import cKDTree
 
-from muse_jax import outputs
+import muse_jax
+from muse_jax import cli, outputs
 from muse_jax.slide import reader, tiling, tissue
 
 PARTS_DIR = "parts"
@@ -83,7 +91,7 @@ class SlideRunConfig:
     object_type: GeoJSON objectType, 'detection' (light, for many nuclei) or 'annotation' (editable).
     max_batches: stop after this many batches in this call (a test/ops hook; rerun to resume). None: run to the end.
     progress: show a tqdm progress bar with ETA.
-    overwrite: discard parts from an earlier run with different settings instead of failing.
+    restart: discard parts from an earlier run with different settings instead of refusing to resume.
   """
   mpp: float | None = None
   batch_size: int = 16
@@ -97,7 +105,52 @@ class SlideRunConfig:
   object_type: str = "detection"
   max_batches: int | None = None
   progress: bool = True
-  overwrite: bool = False
+  restart: bool = False
+
+
+def validate_config(cfg: SlideRunConfig) -> None:
+  """Checks every field (finite, positive, in range) before any work; raises `cli.UserError` naming the field.
+
+  Field names are given as the CLI flag where there is one (`--batch` for `batch_size`, ...).
+  """
+  if cfg.mpp is not None:
+    if isinstance(cfg.mpp, bool) or not reader.MPP_RANGE[0] <= cli.positive(cfg.mpp, "--mpp") <= reader.MPP_RANGE[1]:
+      raise cli.UserError(f"µm/px must be in [{reader.MPP_RANGE[0]}, {reader.MPP_RANGE[1]}]", "--mpp",
+                          f"got {cfg.mpp!r} (0.25 at 40x, 0.5 at 20x)")
+  cli.positive_int(cfg.batch_size, "--batch")
+  overlap = cli.positive_int(cfg.overlap, "--overlap", allow_zero=True)
+  if overlap % 2:
+    raise cli.UserError("must be even (each side of a tile core gets overlap/2 px of context)", "--overlap",
+                        f"got {overlap}")
+  cli.positive_int(cfg.num_readers, "--readers")
+  cli.positive_int(cfg.prefetch_batches, "prefetch_batches")
+  cli.positive(cfg.mask_mpp, "mask_mpp", upper=1000.0, unit="µm/px")
+  cli.positive(cfg.min_tissue_area_um2, "min_tissue_area_um2", allow_zero=True, unit="µm²")
+  if cfg.merge_radius_um is not None:
+    cli.positive(cfg.merge_radius_um, "--merge-radius-um", upper=100.0, unit="µm")
+  if cli.positive_int(cfg.overlay_max_side, "overlay_max_side") < 16:
+    raise cli.UserError("must be >= 16", "overlay_max_side", f"got {cfg.overlay_max_side}")
+  if cfg.object_type not in outputs.OBJECT_TYPES:
+    raise cli.UserError(f"must be one of {outputs.OBJECT_TYPES}", "object_type", f"got {cfg.object_type!r}")
+  if cfg.max_batches is not None:
+    cli.positive_int(cfg.max_batches, "max_batches", allow_zero=True)
+
+
+def model_identity(predictor: Any) -> dict[str, Any]:
+  """What identifies the model's answers for the resume check: its fingerprint and post-processing settings.
+
+  `predictor.fingerprint` (a dict; `muse_jax.ndc.infer.Predictor.from_checkpoint` sets the SHA-256 of the
+  variables) when it has one, else its class; plus `score_threshold`, `nms_radius_um` and `max_detections` when
+  present.
+  """
+  fp = getattr(predictor, "fingerprint", None)
+  ident: dict[str, Any] = ({"fingerprint": dict(fp)} if fp else
+                           {"predictor": f"{type(predictor).__module__}.{type(predictor).__qualname__}"})
+  for k in ("score_threshold", "nms_radius_um", "max_detections"):
+    v = getattr(predictor, k, None)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      ident[k] = v
+  return ident
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -136,9 +189,22 @@ def _batch_predict_fns(predictor: TilePredictor, mesh: Mesh):
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  outputs.write_text_atomic(path, text)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _short(v: Any) -> str:
+  text = "absent" if v is None else v if isinstance(v, str) else json.dumps(v)
+  return text[:12] + "…" if len(text) > 40 else text
 
 
 def _read_done(parts: pathlib.Path) -> list[tuple[str, list[int]]]:
@@ -154,18 +220,53 @@ def _read_done(parts: pathlib.Path) -> list[tuple[str, list[int]]]:
   return entries
 
 
-def _prepare_parts(out_dir: pathlib.Path, meta: dict[str, Any], overwrite: bool) -> list[tuple[str, list[int]]]:
-  """Creates or validates `out_dir/parts`; returns the finished parts (name, tiles) of an earlier run."""
+def check_resume(out_dir: pathlib.Path, meta: dict[str, Any], restart: bool) -> bool:
+  """Whether `out_dir/parts` holds results of a run with exactly `meta` (compared key by key, `info` excluded).
+
+  Returns False when there is nothing to resume or (with `restart`) the parts are of another run. Raises
+  `cli.UserError` naming every difference when the parts are of another run and `restart` is False. Changes
+  nothing on disk.
+  """
+  meta_path = out_dir / PARTS_DIR / META_FILE
+  if not meta_path.exists():
+    if (out_dir / PARTS_DIR).exists() and any((out_dir / PARTS_DIR).glob("part_*.npz")) and not restart:
+      raise cli.UserError("holds parts of a run without its meta.json", os.fspath(out_dir / PARTS_DIR),
+                          "use another --out or pass --restart to discard them")
+    return False
+  try:
+    old = json.loads(meta_path.read_text())
+    if not isinstance(old, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    if restart:
+      return False
+    raise cli.UserError("unreadable resume state", os.fspath(meta_path),
+                        f"{type(e).__name__}: {e}; pass --restart to discard the partial results") from None
+  a = _flat({k: v for k, v in old.items() if k != "info"})
+  b = _flat({k: v for k, v in meta.items() if k != "info"})
+  diffs = [f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  if not diffs:
+    return True
+  if restart:
+    return False
+  raise cli.UserError("holds partial results of a different run", os.fspath(out_dir),
+                      f"{'; '.join(diffs)} (was -> now). Rerun with the earlier settings to resume, use another "
+                      "--out, or pass --restart to discard them")
+
+
+def _prepare_parts(out_dir: pathlib.Path, meta: dict[str, Any], restart: bool) -> list[tuple[str, list[int]]]:
+  """Creates or validates `out_dir/parts`; returns the finished parts (name, tiles) of an earlier run.
+
+  Removes `out_dir/summary.json` first: the outputs beside it are about to change.
+  """
   parts = out_dir / PARTS_DIR
   meta_path = parts / META_FILE
-  if meta_path.exists():
-    old = json.loads(meta_path.read_text())
-    if old != meta:
-      if not overwrite:
-        diff = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta) if old.get(k) != meta.get(k)}
-        raise ValueError(f"{out_dir}: holds partial results of a different run (differences: {diff}); use a new "
-                         f"--out directory or pass overwrite=True (--overwrite) to discard them")
-      shutil.rmtree(parts)
+  resume = check_resume(out_dir, meta, restart)
+  summary = out_dir / "summary.json"
+  if summary.exists():
+    summary.unlink()
+  if not resume and parts.exists():
+    shutil.rmtree(parts)
   parts.mkdir(parents=True, exist_ok=True)
   if not meta_path.exists():
     _atomic_write_text(meta_path, json.dumps(meta, indent=1))
@@ -175,11 +276,22 @@ def _prepare_parts(out_dir: pathlib.Path, meta: dict[str, Any], overwrite: bool)
   for f in parts.glob("part_*.npz"):  # written but never listed: the run died between the two steps
     if f.name not in listed:
       f.unlink()
-  for f in parts.glob("*.tmp*"):
+  for f in list(parts.glob("*.tmp*")) + list(out_dir.glob(".*.tmp")):
     f.unlink()
   # rewrite done.txt without lines whose part file is missing
   _atomic_write_text(parts / DONE_FILE, "".join(f"{n} {' '.join(map(str, t))}\n" for n, t in entries))
   return entries
+
+
+def check_geometry(window: int, overlap: int, model_mpp: float, merge_um: float) -> None:
+  """Tile, overlap and merge radius fit together (before any work); raises `cli.UserError` naming the flags."""
+  if overlap >= window:
+    raise cli.UserError(f"must be < the tile ({window} px, the checkpoint's window)", "--overlap", f"got {overlap}")
+  seam_px = merge_um / model_mpp
+  if not 0 < seam_px <= overlap / 2:
+    raise cli.UserError("merge radius does not fit in the overlap", "--overlap/--merge-radius-um",
+                        f"merge radius {merge_um} µm = {seam_px:.1f} px at {model_mpp} µm/px, expected > 0 and at "
+                        f"most overlap/2 = {overlap / 2} px; raise --overlap or lower --merge-radius-um")
 
 
 def _model_to_level0(xy: np.ndarray, ratio: float) -> np.ndarray:
@@ -231,7 +343,7 @@ class _GeoJSONStream:
   """Writes a FeatureCollection feature by feature (`muse_jax.outputs.points_to_geojson` layout)."""
 
   def __init__(self, path: pathlib.Path):
-    self._f = open(path, "w")
+    self._f = open(path, "w")  # noqa: SIM115
     self._f.write('{"type": "FeatureCollection", "features": [')
     self._first = True
 
@@ -262,11 +374,10 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
 
   Raises:
     FileNotFoundError, reader.SlideError, reader.MissingMppError: bad slide input.
-    ValueError: bad settings, or `out_dir` holds parts of a different run (without `overwrite`).
+    cli.UserError (a ValueError): bad settings, or `out_dir` holds parts of a different run (without `restart`).
   """
   cfg = config or SlideRunConfig()
-  if cfg.object_type not in outputs.OBJECT_TYPES:
-    raise ValueError(f"object_type: got {cfg.object_type!r}, expected one of {outputs.OBJECT_TYPES}")
+  validate_config(cfg)
   t_start = time.perf_counter()
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -282,24 +393,29 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
     merge_um = float(getattr(predictor, "merge_radius_um", getattr(predictor, "nms_radius_um", 3.0)))
   dispatch, collect = _batch_predict_fns(predictor, mesh)
 
+  check_geometry(window, int(cfg.overlap), model_mpp, float(merge_um))
   with reader.open_slide(slide_path, mpp=cfg.mpp) as slide:
+    if slide.pixel_note:
+      print(f"note: {slide.pixel_note}", file=sys.stderr, flush=True)
     ratio = model_mpp / slide.mpp
     width, height = slide.size_at_mpp(model_mpp)
     grid = tiling.make_grid(width, height, window, cfg.overlap)
     seam_px = merge_um / model_mpp  # model px
-    if not 0 < seam_px <= grid.overlap / 2:
-      raise ValueError(f"merge radius {merge_um} µm = {seam_px:.1f} px at {model_mpp} µm/px: expected > 0 and "
-                       f"at most overlap/2 = {grid.overlap / 2} px; raise --overlap or lower the merge radius")
     thumb = slide.thumbnail(cfg.mask_mpp)
     mask = tissue.tissue_mask(thumb, cfg.mask_mpp, min_area_um2=cfg.min_tissue_area_um2)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(out / "tissue.png")
     area_mm2 = tissue.tissue_area_mm2(mask, cfg.mask_mpp)
     selected = tiling.tissue_tiles(grid, mask, model_mpp / cfg.mask_mpp)
-    meta = dict(slide=str(pathlib.Path(slide_path).resolve()), slide_size=list(slide.dimensions),
-                slide_mpp=slide.mpp, model_mpp=model_mpp, window=window, overlap=grid.overlap,
-                grid=[grid.nx, grid.ny], class_names=class_names, merge_radius_um=float(merge_um),
-                tissue_tiles=int(len(selected)), mask_mpp=cfg.mask_mpp)
-    entries = _prepare_parts(out, meta, cfg.overwrite)
+    slide_file = pathlib.Path(slide_path).resolve()
+    meta = dict(slide=str(slide_file), slide_bytes=slide_file.stat().st_size, slide_size=list(slide.dimensions),
+                slide_mpp=slide.mpp, pixel_note=slide.pixel_note, model_mpp=model_mpp, window=window,
+                overlap=grid.overlap, grid=[grid.nx, grid.ny], class_names=class_names,
+                merge_radius_um=float(merge_um), tissue_tiles=int(len(selected)), mask_mpp=cfg.mask_mpp,
+                min_tissue_area_um2=float(cfg.min_tissue_area_um2), model=model_identity(predictor),
+                package_version=muse_jax.__version__,
+                info=dict(checkpoint=getattr(predictor, "checkpoint", None)))
+    entries = _prepare_parts(out, meta, cfg.restart)
+    with outputs.atomic_path(out / "tissue.png") as tmp:
+      Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     done = {t for _, ts in entries for t in ts}
     todo = [int(t) for t in selected if int(t) not in done]
 
@@ -384,7 +500,10 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
     n_done = len({t for _, ts in entries for t in ts})
     summary: dict[str, Any] = dict(
         slide=str(slide_path), slide_size=list(slide.dimensions), slide_mpp=slide.mpp, mpp_source=slide.mpp_source,
-        vendor=slide.vendor, model_mpp=model_mpp, window=window, overlap=grid.overlap, devices=n_dev,
+        vendor=slide.vendor, pixel_note=slide.pixel_note, model_mpp=model_mpp, window=window,
+        overlap=grid.overlap, model=meta["model"], checkpoint=meta["info"]["checkpoint"],
+        score_threshold=getattr(predictor, "score_threshold", None),
+        score_threshold_source=getattr(predictor, "threshold_source", None), devices=n_dev,
         batch_size=batch, tiles_total=grid.num_tiles, tiles_tissue=int(len(selected)), tiles_done=n_done,
         tiles_this_call=n_run, tissue_area_mm2=area_mm2, complete=n_done == len(selected))
     if not summary["complete"]:
@@ -399,8 +518,10 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
   draw = ImageDraw.Draw(overlay)
   dot = max(1.0, 3.0 / overlay_mpp)
   counts = np.zeros(len(class_names), np.int64)
-  geo = _GeoJSONStream(out / "nuclei.geojson")
-  with open(out / "nuclei.csv", "w", newline="") as fcsv:
+  tmp_csv, tmp_geo, tmp_png = (out / f".{n}.{os.getpid()}.tmp" for n in ("nuclei.csv", "nuclei.geojson",
+                                                                          "overlay.png"))
+  geo = _GeoJSONStream(tmp_geo)
+  with open(tmp_csv, "w", newline="") as fcsv:
     w = csv.writer(fcsv)
     w.writerow(["x", "y", "class", "score"])
     for name in names:
@@ -420,7 +541,9 @@ def run(predictor: TilePredictor, slide_path: str | os.PathLike, out_dir: str | 
         cx, cy = (x + 0.5) * scale - 0.5, (y + 0.5) * scale - 0.5
         draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill=tuple(colors[c]))
   geo.close()
-  overlay.save(out / "overlay.png")
+  overlay.save(tmp_png, format="PNG")
+  for tmp, name in ((tmp_csv, "nuclei.csv"), (tmp_geo, "nuclei.geojson"), (tmp_png, "overlay.png")):
+    os.replace(tmp, out / name)
   n_total = int(counts.sum())
   elapsed = time.perf_counter() - t_start
   summary.update(

@@ -187,6 +187,12 @@ class DotPredictor:
     self.calls = 0
     self._fn = jax.jit(self._detect)
 
+  @property
+  def fingerprint(self) -> dict[str, float | int]:
+    """What determines its answers (the resume check of `muse_jax.slide.run` compares it)."""
+    return dict(kind="DotPredictor", mpp=self.mpp, window=self.window, max_points=self.max_points,
+                threshold=self.threshold, pull_px=self.pull_px)
+
   def _detect(self, tiles: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     x = tiles.astype(jnp.float32)
     dark = 200.0 - x.mean(-1)  # [B, S, S]
