@@ -510,6 +510,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
       json.dump(_jsonable(res), f, indent=2)
     with open(log_path, "a") as f:
       f.write(json.dumps({"step": final_step, "eval": _summary(res)}) + "\n")
+    # the threshold that maximises val F1 becomes the export's default (issue #19: 0.5 can find nothing)
+    result["threshold"] = infer_lib.choose_threshold(pred, val, config.eval.modes[0], float(config.eval.radius_um))
+    infer_lib.store_threshold(export, result["threshold"]["score_threshold"], result["threshold"]["source"])
   return result
 
 
