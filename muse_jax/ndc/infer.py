@@ -220,9 +220,14 @@ def read_checkpoint_config(path: str | os.PathLike) -> tuple[epath.Path, dict[st
   return p, cfg
 
 
-def store_threshold(path: str | os.PathLike, score_threshold: float, source: str) -> epath.Path:
-  """Attaches a score threshold chosen on val to an existing NDC checkpoint (rewrites `ndc_config.json`)."""
+def store_threshold(path: str | os.PathLike, score_threshold: float | None, source: str) -> epath.Path:
+  """Attaches a score threshold chosen on val to an existing NDC checkpoint (rewrites `ndc_config.json`).
+
+  `score_threshold` None (no threshold found anything on val, see `choose_threshold`) stores nothing.
+  """
   p, cfg = read_checkpoint_config(path)
+  if score_threshold is None:
+    return p
   cfg["threshold"] = {"score_threshold": check_score_threshold(score_threshold), "source": str(source)}
   _write_config(p, cfg)
   return p
@@ -260,7 +265,8 @@ def choose_threshold(predictor: "Predictor", samples: Sequence[Any], mode: str, 
     thresholds: candidates in [0, 1].
 
   Returns:
-    `{'score_threshold', 'f_det', 'source'}` (`source`: how it was chosen, for `save_predictor`).
+    `{'score_threshold', 'f_det', 'source'}` (`source`: how it was chosen, for `save_predictor`);
+    `score_threshold` is None when no threshold gives a detection F1 above 0 (nothing to choose from).
   """
   from muse_jax.ndc import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
 
@@ -281,6 +287,9 @@ def choose_threshold(predictor: "Predictor", samples: Sequence[Any], mode: str, 
     if f > best_f:
       best_t, best_f = t, f
   f_det = None if best_f == -math.inf else best_f
+  if not f_det:
+    return {"score_threshold": None, "f_det": f_det,
+            "source": f"val sweep at the export: no threshold of {len(ts)} found a nucleus on {len(samples)} images"}
   return {"score_threshold": best_t, "f_det": f_det,
           "source": f"val sweep at the export: best {mode}/f_det"
                     f"{'' if f_det is None else f' = {f_det:.4f}'} over {len(ts)} thresholds on {len(samples)} images"}
