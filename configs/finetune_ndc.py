@@ -43,7 +43,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "brca_m2c"
-  c.data.dir = ml_collections.config_dict.placeholder(str)  # None: the bundled sample
+  c.data.dir = ml_collections.config_dict.placeholder(str)  # required: a folder, a TFDS data dir or "bundled"
   c.data.train_split = "train"
   c.data.val_split = "val"
   c.data.class_names = ("lymphocyte", "tumor", "stromal")

@@ -165,3 +165,49 @@ def positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
   if v < 0 or (v == 0 and not allow_zero):
     raise UserError(f"must be {'>= 0' if allow_zero else '> 0'}", where, f"got {v}")
   return v
+
+
+def run_absl(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None,
+             user_errors: tuple[type[BaseException], ...] = USER_ERROR_TYPES) -> None:
+  """`absl.app.run(main)` with this module's error contract; exits (never returns).
+
+  A bad flag (unknown, wrong type, missing required flag, a config override that does not parse) and a user error
+  raised by `main` print one line `error: ...` on stderr and exit `EXIT_USAGE`; `main`'s return value is the exit
+  code. `--debug` (or `MUSE_DEBUG=1`, which it sets for library code) shows tracebacks. absl's INFO logging is off
+  unless `--verbosity` (or `-v`) is given.
+  """
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+  debug = _debug_requested(argv)
+  if debug:
+    os.environ["MUSE_DEBUG"] = "1"
+  argv2 = strip_debug(argv)
+
+  def parse(args: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(args)
+    except (flags.Error, *user_errors) as e:
+      if debug:
+        raise
+      print(format_error(e), file=sys.stderr, flush=True)
+      sys.exit(EXIT_USAGE)
+    except SystemExit as e:  # absl's --help / --helpfull print the usage and exit 1: asked for, so 0
+      if e.code == 1 and any(a.split("=")[0] in ("--help", "-h", "-?", "--helpfull", "--helpshort", "--helpxml")
+                             for a in args[1:]):
+        sys.exit(EXIT_OK)
+      raise
+
+  def wrapped(args: list[str]) -> int:
+    if not (flags.FLAGS["verbosity"].present or debug):
+      absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+      rc = main(args)
+    except user_errors as e:
+      if debug:
+        raise
+      print(format_error(e), file=sys.stderr, flush=True)
+      return EXIT_USAGE
+    return EXIT_OK if rc is None else int(rc)
+
+  app.run(wrapped, argv=argv2, flags_parser=parse)

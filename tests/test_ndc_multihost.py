@@ -15,6 +15,7 @@ from muse_jax.ndc import train as ndc_train
 
 def small_config():
   c = finetune_ndc.get_config("tiny")
+  c.data.dir = "bundled"
   c.data.max_samples = 2
   c.lfov.field, c.lfov.label_size = 128, 64  # small fields: the test is about feeding, not accuracy
   c.infer.window, c.infer.overlap = 128, 16
@@ -74,5 +75,5 @@ def test_multihost_batch_must_use_every_device(monkeypatch, tmp_path):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   c = small_config()
   c.train.batch_size = 6
-  with pytest.raises(ValueError, match=r"batch_size: got 6, expected a multiple of the 4 devices of the 2 processes"):
+  with pytest.raises(ValueError, match=r"got 6, expected a multiple of the 4 devices of the 2 processes"):
     ndc_train.run(c, tmp_path)

@@ -111,7 +111,7 @@ def test_wrong_typed_config_field_fails_at_start(tmp_path):
     cfg.batch_size = "eight"  # ConfigDicts are type-safe
   bad = ml_collections.ConfigDict(cfg.to_dict())
   bad.optim = ml_collections.ConfigDict(dict(bad.optim.to_dict(), base_lr="5e-4"))
-  with pytest.raises(ValueError, match=r"config.optim.base_lr has type str"):
+  with pytest.raises(ValueError, match=r"has type str .*config.optim.base_lr"):
     train.run(bad, tmp_path)
   cfg.loss.w_image, cfg.loss.w_nu = 0.0, 0.0
   with pytest.raises(ValueError, match=r"not both 0"):

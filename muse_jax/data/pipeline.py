@@ -22,8 +22,9 @@ Sources (`cfg.source`):
 * `'bundled'`: the bundled BRCA-M2C sample's train + val tiles (never test) with their labelled points as nucleus
   positions, at 0.5 µm/px;
 * `'brca:PATH'`: the same from a full BRCA-M2C folder (train + val);
-* `'tfds:DATA_DIR'` or `'tfds:NAME@DATA_DIR'`: records prepared by `python -m muse_jax.data.prepare` (`regions` by
-  default; `split` from `cfg.split`), read with `tfds.data_source`;
+* `'tfds:DATA_DIR'` or `'tfds:NAME@DATA_DIR'`: records prepared by `python -m muse_jax.data.prepare` (`regions` or
+  `brca_m2c`; without NAME, DATA_DIR must hold exactly one prepared dataset; `split` from `cfg.split`), read with
+  `tfds.data_source`;
 * `'folder:PATH'`: image files (mpp `cfg.region_mpp`, required) with nucleus points from sidecar CSV/GeoJSON files
   or, without them, from the classical detector (`muse_jax.data.detect`; run per read, so prepare records for speed);
 * a **union** of the above, joined with `|`, e.g. `'brca:/data/BRCA-M2C|folder:/data/slide_regions'`: the records of
@@ -42,6 +43,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from muse_jax import cli
 from muse_jax.data import readers, views
 
 
@@ -166,39 +168,110 @@ def samples_to_regions(samples: Sequence[readers.Sample]) -> RegionList:
                      for s in samples])
 
 
+SOURCE_FORMS = '"bundled", "brca:PATH", "tfds:DATA_DIR", "tfds:NAME@DATA_DIR" or "folder:PATH" (or a union a|b)'
+_WHERE = 'config.data.source'
+
+
+def parse_source(src: str) -> list[tuple[str, str]]:
+  """Splits a source string into `(kind, arg)` parts (`('bundled', '')`, `('brca', PATH)`, `('tfds', ARG)`,
+  `('folder', PATH)`); raises `cli.UserError` naming `config.data.source` on a malformed one. Reads nothing."""
+  src = str(src)
+  names = [p.strip() for p in src.split('|')]
+  if any(not p for p in names) or len(set(names)) != len(names):
+    raise cli.UserError('a union needs non-empty, distinct parts joined by "|"', _WHERE, f'got {src!r}')
+  out = []
+  for name in names:
+    kind, sep, arg = name.partition(':')
+    if name == 'bundled':
+      out.append(('bundled', ''))
+    elif sep and kind in ('brca', 'tfds', 'folder') and arg.strip():
+      out.append((kind, arg.strip()))
+    else:
+      raise cli.UserError(f'unknown data source {name!r}', _WHERE, f'expected {SOURCE_FORMS}')
+  return out
+
+
+def prepared_datasets(data_dir: str) -> list[str]:
+  """Names of the datasets prepared in the TFDS data dir `data_dir` (`<data_dir>/<name>/<version>/
+  dataset_info.json`), sorted."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  root = epath.Path(data_dir)
+  out = []
+  for d in root.iterdir() if root.is_dir() else []:
+    if d.is_dir() and any((v / 'dataset_info.json').exists() for v in d.iterdir() if v.is_dir()):
+      out.append(d.name)
+  return sorted(out)
+
+
+def resolve_tfds(arg: str) -> tuple[str, str]:
+  """`'NAME@DATA_DIR'` or `'DATA_DIR'` -> `(name, data_dir)`.
+
+  Without a name, `DATA_DIR` must hold exactly one prepared dataset (`python -m muse_jax.data.prepare`), which is
+  used. Raises `cli.UserError` (one line, listing the prepared datasets) for a missing folder, an unknown name, or
+  an ambiguous or empty `DATA_DIR`.
+  """
+  name, _, data_dir = arg.rpartition('@') if '@' in arg else ('', '', arg)
+  local = '://' not in data_dir
+  if local and not pathlib.Path(data_dir).is_dir():
+    raise cli.UserError('tfds data dir not found', _WHERE, f'{data_dir!r} is not a folder')
+  have = prepared_datasets(data_dir)
+  hint = 'prepare one with `python -m muse_jax.data.prepare --dataset regions|brca_m2c --source ... --out DATA_DIR`'
+  if not name:
+    if len(have) == 1:
+      return have[0], data_dir
+    if not have:
+      raise cli.UserError('no prepared dataset in the tfds data dir', _WHERE, f'{data_dir!r}; {hint}')
+    raise cli.UserError('the tfds data dir holds several prepared datasets; name one', _WHERE,
+                        f'{data_dir!r} holds {", ".join(have)}: use tfds:NAME@{data_dir}')
+  if name not in have and (have or local):  # (an unlistable remote dir is left to tfds)
+    raise cli.UserError(f'no prepared dataset {name!r} in the tfds data dir', _WHERE,
+                        f'{data_dir!r} holds {", ".join(have) if have else "none"}' + ('' if have else f'; {hint}'))
+  return name, data_dir
+
+
+def check_source(data_cfg: ml_collections.ConfigDict) -> None:
+  """Checks `data_cfg.source` without reading records: its form, that its local paths exist, that a tfds part
+  names (or implies) a prepared dataset, and that folder parts have `region_mpp`. Raises `cli.UserError`."""
+  for kind, arg in parse_source(data_cfg.source):
+    if kind in ('brca', 'folder') and '://' not in arg and not pathlib.Path(arg).is_dir():
+      raise cli.UserError(f'{kind} folder not found', _WHERE, f'{arg!r} is not a folder')
+    if kind == 'tfds':
+      resolve_tfds(arg)
+    if kind == 'folder' and data_cfg.region_mpp is None:
+      raise cli.UserError('a folder source needs the images\' µm/px', 'config.data.region_mpp',
+                          f'set it for {kind}:{arg}')
+
+
 def open_pretrain_source(data_cfg: ml_collections.ConfigDict):
   """Opens the random-access region source named by `data_cfg.source` (see the module docstring)."""
   src = str(data_cfg.source)
-  if '|' in src:
+  parsed = parse_source(src)
+  if len(parsed) > 1:
     names = [p.strip() for p in src.split('|')]
-    if any(not p for p in names) or len(set(names)) != len(names):
-      raise ValueError(f'data source {src!r}: a union needs non-empty, distinct parts joined by "|".')
     parts = []
     for name in names:
       sub = ml_collections.ConfigDict(data_cfg.to_dict())
       sub.source = name
       part = open_pretrain_source(sub)
       if len(part) == 0:
-        raise ValueError(f'data source {src!r}: part {name!r} has no records.')
+        raise cli.UserError(f'part {name!r} has no records', _WHERE, f'got {src!r}')
       parts.append(part)
     return UnionSource(parts, names)
-  kind, _, arg = src.partition(':')
-  if src == 'bundled' or kind == 'brca':
+  kind, arg = parsed[0]
+  if kind in ('bundled', 'brca'):
     from muse_jax.data import bundled_sample_dir  # pylint: disable=g-import-not-at-top
-    root = bundled_sample_dir() if src == 'bundled' else pathlib.Path(arg)
+    root = bundled_sample_dir() if kind == 'bundled' else pathlib.Path(arg)
     return samples_to_regions(readers.read_brca_m2c(root, 'train') + readers.read_brca_m2c(root, 'val'))
   if kind == 'tfds':
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    name, _, data_dir = arg.rpartition('@') if '@' in arg else ('regions', '', arg)
+    name, data_dir = resolve_tfds(arg)
     return tfds.data_source(name, data_dir=data_dir, split=str(data_cfg.split))
-  if kind == 'folder':
-    if data_cfg.region_mpp is None:
-      raise ValueError(f'source {src!r}: set data_cfg.region_mpp (µm/px of the images).')
-    paths = [str(p) for p in readers.list_images(arg)]
-    if not paths:
-      raise ValueError(f'source {src!r}: no image files found.')
-    return FolderRegions(paths, float(data_cfg.region_mpp), dict(data_cfg.detector))
-  raise ValueError(f'data source {src!r}: expected "bundled", "brca:PATH", "tfds:[NAME@]DATA_DIR" or "folder:PATH".')
+  if data_cfg.region_mpp is None:
+    raise cli.UserError("a folder source needs the images' µm/px", 'config.data.region_mpp', f'set it for {src!r}')
+  paths = [str(p) for p in readers.list_images(arg)]
+  if not paths:
+    raise cli.UserError('no image files found', _WHERE, f'in {arg!r}')
+  return FolderRegions(paths, float(data_cfg.region_mpp), dict(data_cfg.detector))
 
 
 class _MakeViews(grain.transforms.RandomMap):

@@ -33,12 +33,99 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from muse_jax import cli
+from muse_jax import config_check
 from muse_jax import ops
 from muse_jax.ndc import head as head_lib
 from muse_jax.ndc import infer as infer_lib
 from muse_jax.ndc import lfov, losses, matching
 from muse_jax.ndc import metrics as metrics_lib
 from muse_jax.pretrain import teacher as teacher_lib
+
+
+# ---------------------------------------------------------------------------------------------------- config
+C = config_check
+
+# Every field of a `configs/finetune_ndc.py` config with the type and range it must have, checked before any data
+# is read or anything is written (`validate_config`). Units: µm/px (mpp), px (sizes), µm (radii, distances).
+RULES: dict[str, config_check.Rule] = {
+    "variant": C.string(nonempty=True), "ablations": C.string(), "init": C.string(nonempty=True),
+    "seed": C.integer(0), "num_devices": C.integer(0),
+    "data.dataset": C.string(nonempty=True), "data.dir": C.string(nonempty=True),
+    "data.train_split": C.string(nonempty=True), "data.val_split": C.string(),
+    "data.class_names": C.sequence(C.string(nonempty=True)), "data.max_samples": C.integer(0),
+    "data.mpp": C.positive("µm/px"), "data.context": C.optional(C.string(nonempty=True)),
+    "data.context_tolerance": C.nonneg(), "data.context_cache_mb": C.positive("MB"),
+    "lfov.enabled": C.boolean(), "lfov.field": C.integer(1), "lfov.label_size": C.optional(C.integer(1)),
+    "lfov.pad_mode": C.choice("reflect", "constant"), "lfov.flips": C.boolean(), "lfov.center": C.boolean(),
+    "lfov.no_lfov_field": C.integer(1),
+    "head.stride": C.choice(4, 8), "head.hidden_dim": C.integer(1), "head.num_layers": C.integer(1),
+    "head.bg_prior": C.number(0, 1, lo_open=True, hi_open=True),
+    "loss.cls": C.nonneg(), "loss.reg": C.nonneg(), "loss.cons": C.nonneg(), "loss.bg_weight": C.nonneg(),
+    "loss.match_point_weight": C.nonneg(), "loss.match_class_weight": C.nonneg(),
+    "loss.match_max_dist_um": C.positive("µm"),
+    "semi.enabled": C.boolean(), "semi.strong_aug": C.boolean(), "semi.threshold": C.prob(),
+    "semi.bg_threshold": C.prob(), "semi.start_step": C.integer(0), "semi.ema_momentum": C.prob(),
+    "optim.lr": C.positive(), "optim.weight_decay": C.nonneg(), "optim.warmup_steps": C.integer(0),
+    "optim.clip_grad": C.nonneg(), "optim.backbone_train_mode": C.optional(C.boolean()),
+    "train.steps": C.integer(1), "train.batch_size": C.integer(1), "train.log_every": C.integer(1),
+    "train.ckpt_every": C.integer(1), "train.keep": C.integer(1), "train.eval_every": C.integer(0),
+    "train.max_points": C.integer(0), "train.export": C.choice("teacher", "student"), "train.progress": C.boolean(),
+    "infer.window": C.integer(1), "infer.overlap": C.integer(0), "infer.batch_size": C.integer(1),
+    "infer.score_threshold": C.prob(), "infer.nms_radius_um": C.positive("µm"), "infer.max_detections": C.integer(1),
+    "eval.modes": C.sequence(C.choice(*metrics_lib.MODES)), "eval.radius_um": C.positive("µm"),
+    "eval.max_images": C.integer(0),
+}
+# Fields older configs (a resumed run's config.json) may lack, with the value that reproduces the older code.
+LEGACY_DEFAULTS: dict[str, Any] = {"lfov.center": False, "optim.backbone_train_mode": None, "num_devices": 0}
+# Fields a resume may change (WORKSPACE.md, "Errors and recovery"): the run's length, logging, checkpoint cadence and
+# retention, the progress bar, which weights are exported, the device count, inference and evaluation settings, the
+# validation split and the context cache size. Anything else would mix two runs in one workdir.
+RESUMABLE: tuple[str, ...] = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep", "train.progress",
+                              "train.eval_every", "train.export", "num_devices", "infer.", "eval.", "data.val_split",
+                              "data.context_cache_mb")
+FOREIGN_FILES = {"model_config.json": "a backbone export (muse_jax.export / tools.import_torch)",
+                 infer_lib.CONFIG_FILE: "an NDC model export (muse_jax.finetune's export/)"}
+BUNDLED = "bundled"
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `cli.UserError` naming `config.<field>` for a missing, mistyped or impossible field (`RULES`, then the
+  relations between fields and the data / init paths); reads no data."""
+  if config_check.lookup(config, "data.dir") is None:
+    raise cli.UserError("not set", "config.data.dir",
+                        "pass --config.data.dir=PATH (a BRCA-M2C folder or a TFDS data dir prepared by "
+                        f"muse_jax.data.prepare), or --config.data.dir={BUNDLED} for the 11-tile bundled sample")
+  config_check.check(config, RULES, optional_fields=LEGACY_DEFAULTS)
+  d = config.data
+  if d.dir != BUNDLED and "://" not in d.dir and not os.path.isdir(d.dir):
+    raise cli.UserError("data folder not found", "config.data.dir", f"{d.dir!r} is not a folder (or '{BUNDLED}')")
+  if d.context is not None and "://" not in d.context and not os.path.isfile(d.context):
+    raise cli.UserError("context manifest not found", "config.data.context", f"{d.context!r} is not a file")
+  init = str(config.init)
+  if init.startswith("random:"):
+    from configs import models as model_configs  # pylint: disable=import-outside-toplevel
+    if init[len("random:"):] not in model_configs.VARIANTS:
+      raise cli.UserError("unknown random backbone", "config.init (--init)",
+                          f"got {init!r}; expected random:<{'|'.join(model_configs.VARIANTS)}>")
+  elif "://" not in init and not os.path.isdir(init):
+    raise cli.UserError("backbone directory not found", "config.init (--init)",
+                        f"{init!r}: expected random:<variant> or a backbone directory (muse_jax.export)")
+  if config.infer.overlap >= config.infer.window:
+    raise cli.UserError("must be smaller than config.infer.window", "config.infer.overlap",
+                        f"got {config.infer.overlap} >= {config.infer.window}")
+  if config.lfov.label_size is not None and config.lfov.label_size > config.lfov.field:
+    raise cli.UserError("must be <= config.lfov.field", "config.lfov.label_size",
+                        f"got {config.lfov.label_size} > {config.lfov.field}")
+  check_field(config)
+
+
+def check_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """Refuses a workdir `run(config, workdir)` must not write into or resume (another command's, an export, a resume
+  that changes a field outside `RESUMABLE`); returns its stored config or None. Reads only `config.json`."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  return config_check.check_workdir(epath.Path(os.path.abspath(os.fspath(workdir))), "finetune", config, RESUMABLE,
+                                    foreign_files=FOREIGN_FILES, legacy=LEGACY_DEFAULTS)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -303,7 +390,8 @@ def check_field(config: ml_collections.ConfigDict) -> None:
   F = field_size(config)
   mult = math.lcm(32 if "r50" in config.variant else 16, int(config.head.stride))
   if F % mult:
-    raise ValueError(f"config.lfov.field: got {F}, expected a multiple of {mult}")
+    where = "config.lfov.field" if config.lfov.enabled else "config.lfov.no_lfov_field"
+    raise cli.UserError(f"must be a multiple of {mult} (backbone and head strides)", where, f"got {F}")
 
 
 def abstract_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> dict[str, Any]:
@@ -400,30 +488,38 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   """
   from muse_jax.pretrain.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
+  validate_config(config)
+  check_workdir(workdir, config)
   workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  class_names = list(config.data.class_names)
-  C = len(class_names)
-  train = load_samples(config.data, config.data.train_split)
-  if not train:
-    raise ValueError(f"config.data: no training samples in split {config.data.train_split!r} of {config.data.dir}")
-  bad = [s.name for s in train if len(s.classes) and (s.classes.max() >= C)]
-  if bad:
-    raise ValueError(f"config.data.class_names has {C} names but samples {bad[:3]} have class ids >= {C}")
-  F = field_size(config)
-  check_field(config)
   B = int(config.train.batch_size)
   pi, pc = jax.process_index(), jax.process_count()
   is_main = pi == 0
   if pc > 1 and B % jax.device_count():
-    raise ValueError(f"config.train.batch_size: got {B}, expected a multiple of the {jax.device_count()} devices of "
-                     f"the {pc} processes (multi-host runs use every device)")
+    raise cli.UserError(f"got {B}, expected a multiple of the {jax.device_count()} devices of the {pc} processes "
+                        "(multi-host runs use every device)", "config.train.batch_size")
+  class_names = list(config.data.class_names)
+  C = len(class_names)
+  try:
+    train = load_samples(config.data, config.data.train_split)
+  except ValueError as e:
+    raise cli.UserError("cannot read the training data", "config.data.dir", str(e)) from e
+  if not train:
+    raise cli.UserError(f"no training samples in split {config.data.train_split!r}", "config.data.dir",
+                        f"{config.data.dir!r}")
+  bad = [s.name for s in train if len(s.classes) and (s.classes.max() >= C)]
+  if bad:
+    raise cli.UserError(f"has {C} names but samples {bad[:3]} have class ids >= {C}", "config.data.class_names")
+  F = field_size(config)
+  os.makedirs(workdir, exist_ok=True)
   max_points = int(config.train.max_points) or int(64 * math.ceil(max(len(s.coords) for s in train) / 64 + 1e-9))
   max_points = max(max_points, 64)
 
   from muse_jax.ndc import context as context_lib  # pylint: disable=import-outside-toplevel
 
-  context = (context_lib.from_config(config.data, F, [s.name for s in train]) if config.lfov.enabled else None)
+  try:
+    context = (context_lib.from_config(config.data, F, [s.name for s in train]) if config.lfov.enabled else None)
+  except ValueError as e:
+    raise cli.UserError("bad context manifest", "config.data.context", str(e)) from e
   model_cfg, module, variables = init_model(config, C)
   tx = build_optimizer(config, variables["params"])
   state = create_state(tx, variables)
@@ -435,10 +531,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   start = 0
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
-    state, start = ckpt.restore(abstract)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    try:
+      state, start = ckpt.restore(abstract)
+    except (ValueError, KeyError, OSError) as e:
+      raise cli.UserError("cannot restore the latest checkpoint", f"{ckpt.directory}/{ckpt.latest_step()}",
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  if is_main:  # written only now that the run is known to be valid (checked config and workdir, restored state)
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    config_check.write_json_atomic(epath.Path(workdir) / config_check.CONFIG_FILE,
+                                   config.to_json_best_effort(indent=2, sort_keys=True))
   rows = slice(pi * B // pc, (pi + 1) * B // pc)  # this process's rows of the global batch
 
   step_fn = built["jit_step"]

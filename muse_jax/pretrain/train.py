@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from muse_jax import cli
+from muse_jax import config_check
 from muse_jax.pretrain import checkpoint as ckpt_lib
 from muse_jax.pretrain import health as health_lib
 from muse_jax.pretrain import mesh as mesh_lib
@@ -44,89 +46,129 @@ class NonFiniteLossError(FloatingPointError):
                      f"{'none' if last_good is None else f'step {last_good}'} (the bad state was not saved).")
 
 
-# Expected types of the fields that drive the run (checked at start; ConfigDict already rejects most mistakes on
-# assignment, this catches configs built by hand or loaded from JSON).
-_SCHEMA: dict[str, type | tuple[type, ...]] = {
-    "seed": int, "batch_size": int, "num_epochs": int, "steps_per_epoch": int, "total_steps": int,
-    "drop_path_rate": (int, float), "data_source": str, "checkpoint_every_steps": int, "keep_checkpoints": int,
-    "log_every_steps": int, "loss.w_image": (int, float), "loss.w_nu": (int, float),
-    "heads.cls_out_dim": int, "heads.nu_out_dim": int, "heads.hidden_dim": int, "heads.bottleneck_dim": int,
-    "heads.num_layers": int, "mesh.data": int, "mesh.fsdp": int, "mesh.fsdp_min_size": int,
-    "data.n_global": int, "data.global_size": int, "data.n_local": int, "data.local_size": int,
-    "data.max_nuclei_global": int, "data.max_nuclei_local": int,
-    **{f"optim.{k}": (int, float) for k in (
-        "base_lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "b1", "b2", "eps", "clip_grad",
-        "freeze_last_layer_epochs", "momentum_teacher", "momentum_teacher_end", "warmup_teacher_temp",
-        "teacher_temp", "warmup_teacher_temp_epochs", "student_temp", "center_momentum")},
+C = config_check  # rule constructors: integer, number, positive, prob, pair, choice, ...
+
+# Every field of a `configs/pretrain.py` config, with the type and range it must have (checked at start, before any
+# data is read or anything is written; `tests/test_errors_training.py` checks that no field of the shipped configs
+# lacks a rule). Physical quantities: µm/px (mpp), px (sizes), µm (blur, detector).
+RULES: dict[str, config_check.Rule] = {
+    "variant": C.string(), "seed": C.integer(0), "drop_path_rate": C.number(0, 1, hi_open=True),
+    "data_source": C.choice("pipeline", "synthetic"), "synthetic_region_nuclei": C.integer(1),
+    "batch_size": C.integer(1), "num_epochs": C.integer(1), "steps_per_epoch": C.integer(1, also=(-1,)),
+    "total_steps": C.integer(1, also=(-1,)),
+    # model (configs/models.py); the backbone builder checks the architecture-specific fields' consistency.
+    "model.name": C.string(nonempty=True), "model.arch": C.choice("vit", "resnet50"),
+    "model.img_size": C.integer(1), "model.patch_size": C.integer(1), "model.map_dim": C.integer(1),
+    "model.cls_dim": C.integer(1), "model.drop_path_rate": C.number(0, 1, hi_open=True),
+    "model.dtype": C.choice("float32", "bfloat16"), "model.bn_axis_name": C.optional(C.string()),
+    "model.embed_dim": C.integer(1), "model.depth": C.integer(1), "model.num_heads": C.integer(1),
+    "model.mlp_ratio": C.positive(), "model.qkv_bias": C.boolean(),
+    "model.extract_layers": C.sequence(C.integer(0)), "model.cls_mode": C.choice("ignore", "add", "proj"),
+    "model.dim_ratios": C.sequence(C.positive()), "model.stem_width": C.integer(1),
+    "model.stage_depths": C.sequence(C.integer(1)),
+    # data (muse_jax/data/pipeline.py)
+    "data.source": C.string(nonempty=True), "data.split": C.string(nonempty=True),
+    "data.global_size": C.integer(1), "data.local_size": C.integer(1), "data.n_global": C.integer(1),
+    "data.n_local": C.integer(0), "data.mpp_range": C.pair(unit="µm/px"),
+    "data.mpp_dist": C.choice("uniform", "loguniform", "discrete"),
+    "data.mpp_choices": C.sequence(C.positive("µm/px")), "data.region_mpp": C.optional(C.positive("µm/px")),
+    "data.local_in_global": C.boolean(), "data.global_in_global": C.boolean(),
+    "data.pad_mode": C.choice("reflect", "constant"), "data.max_nuclei_global": C.integer(1),
+    "data.max_nuclei_local": C.integer(1), "data.flips": C.boolean(), "data.rot90": C.boolean(),
+    "data.color_aug": C.choice("rgb", "hed", "none"), "data.color_jitter_p": C.prob(),
+    "data.brightness": C.nonneg(), "data.contrast": C.nonneg(), "data.saturation": C.nonneg(),
+    "data.hue": C.number(0, 0.5), "data.grayscale_p": C.prob(), "data.blur_p": C.sequence(C.prob(), n=3),
+    "data.blur_sigma": C.pair(unit="px"), "data.blur_sigma_um": C.optional(C.pair(unit="µm")),
+    "data.solarize_p": C.prob(), "data.stain_jitter": C.nonneg(), "data.num_workers": C.integer(0),
+    "data.prefetch_buffer": C.integer(1), "data.read_threads": C.integer(1), "data.read_buffer": C.integer(1),
+    "data.detector.min_distance_um": C.positive("µm"), "data.detector.sigma_um": C.positive("µm"),
+    "data.detector.threshold_scale": C.positive(),
+    # heads, loss
+    "heads.cls_out_dim": C.integer(1), "heads.nu_out_dim": C.integer(1), "heads.hidden_dim": C.integer(1),
+    "heads.bottleneck_dim": C.integer(1), "heads.num_layers": C.integer(1), "heads.norm_last_layer": C.boolean(),
+    "heads.last_layer_name": C.string(nonempty=True), "loss.w_image": C.nonneg(), "loss.w_nu": C.nonneg(),
+    "loss.image_targets": C.choice("center", "sinkhorn"), "loss.nu_targets": C.choice("center", "sinkhorn"),
+    "loss.sinkhorn_iters": C.integer(1), "loss.w_koleo_nu": C.nonneg(),
+    # optimiser and teacher
+    "optim.base_lr": C.positive(), "optim.scale_lr": C.boolean(), "optim.min_lr": C.nonneg(),
+    "optim.warmup_epochs": C.nonneg(), "optim.weight_decay": C.nonneg(), "optim.weight_decay_end": C.nonneg(),
+    "optim.b1": C.number(0, 1, hi_open=True), "optim.b2": C.number(0, 1, hi_open=True), "optim.eps": C.positive(),
+    "optim.clip_grad": C.nonneg(), "optim.freeze_last_layer_epochs": C.nonneg(),
+    "optim.momentum_teacher": C.prob(), "optim.momentum_teacher_end": C.prob(),
+    "optim.warmup_frac": C.number(0, 1, also=(-1,)), "optim.warmup_teacher_temp_frac": C.number(0, 1, also=(-1,)),
+    "optim.freeze_last_layer_frac": C.number(0, 1, also=(-1,)), "optim.teacher_half_life_frac": C.prob(),
+    "optim.warmup_teacher_temp": C.positive(), "optim.teacher_temp": C.positive(),
+    "optim.warmup_teacher_temp_epochs": C.nonneg(), "optim.student_temp": C.positive(),
+    "optim.center_momentum": C.prob(),
+    "mesh.data": C.integer(1, also=(-1,)), "mesh.fsdp": C.integer(1), "mesh.fsdp_min_size": C.integer(0),
+    "health.uniform_entropy_ratio": C.number(0, 1, lo_open=True), "health.min_prototypes": C.nonneg(),
+    "health.grace_frac": C.prob(), "health.grace_steps": C.integer(0), "health.patience": C.integer(1),
+    "checkpoint_every_steps": C.integer(1), "keep_checkpoints": C.integer(1), "async_checkpointing": C.boolean(),
+    "log_every_steps": C.integer(1), "progress_bar": C.boolean(),
 }
-# Fields added by issue #21; configs written before it (e.g. a resumed run's config.json) may lack them.
-_OPTIONAL: dict[str, type | tuple[type, ...]] = {
-    **{f"optim.{k}": (int, float) for k in ("warmup_frac", "warmup_teacher_temp_frac", "freeze_last_layer_frac",
-                                            "teacher_half_life_frac")},
-    **{f"health.{k}": (int, float) for k in ("uniform_entropy_ratio", "min_prototypes", "grace_frac")},
-    "health.grace_steps": int, "health.patience": int, "data.color_aug": str,
+# Fields a config may lack: added after runs were started (a resumed run's config.json, `muse_jax.export`), or
+# present for one architecture only. The value that reproduces a run written before the field existed is given
+# (a resume may add the field with that value).
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "optim.warmup_frac": -1.0, "optim.warmup_teacher_temp_frac": -1.0, "optim.freeze_last_layer_frac": -1.0,
+    "optim.teacher_half_life_frac": 0.0, "data.color_aug": "rgb", "data.global_in_global": False,
+    "data.blur_sigma_um": None, "loss.image_targets": "center", "loss.nu_targets": "center",
+    "loss.sinkhorn_iters": 3, "loss.w_koleo_nu": 0.0, "synthetic_region_nuclei": 32,
 }
+_OPTIONAL_FIELDS = (set(LEGACY_DEFAULTS) | {f for f in RULES if f.startswith("health.")}
+                    | {f"model.{k}" for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+                                              "extract_layers", "cls_mode", "dim_ratios", "stem_width",
+                                              "stage_depths", "bn_axis_name")})
+# Fields a resume may change (documented in WORKSPACE.md, "Errors and recovery"): the run's length (the schedules
+# follow it, as when a run is extended), logging, progress bar, checkpoint cadence and retention, the device mesh
+# (Orbax restores into any sharding), the collapse detector's thresholds and the loading parallelism. Anything else
+# would mix two runs in one workdir.
+RESUMABLE: tuple[str, ...] = ("total_steps", "num_epochs", "log_every_steps", "progress_bar",
+                              "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "mesh.",
+                              "health.", "data.read_threads", "data.read_buffer")
 
 
-def _lookup(config, name: str):
-  node = config
-  for part in name.split("."):
-    if part not in node:
-      return _MISSING
-    node = node[part]
-  return node
-
-
-_MISSING = object()
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field when a field is missing, has the wrong type or an impossible value."""
-  for name, typ in _SCHEMA.items():
-    node = config
-    for part in name.split("."):
-      if part not in node:
-        raise ValueError(f"config.{name} is missing (expected {typ})")
-      node = node[part]
-    if isinstance(node, bool) or not isinstance(node, typ):
-      want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-      raise ValueError(f"config.{name} has type {type(node).__name__} ({node!r}); expected {want}")
-  for name, typ in _OPTIONAL.items():
-    node = _lookup(config, name)
-    if node is _MISSING:
-      continue
-    if isinstance(node, bool) or not isinstance(node, typ):
-      want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-      raise ValueError(f"config.{name} has type {type(node).__name__} ({node!r}); expected {want}")
+def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = False) -> None:
+  """Raises `cli.UserError` naming `config.<field>` when a field is missing, has the wrong type or an impossible
+  value (every field of `RULES`, then the relations between fields). With `check_data`, also the data source string
+  and its paths (`pipeline.check_source`; nothing is read)."""
   for name in ("optim.warmup_frac", "optim.warmup_teacher_temp_frac", "optim.freeze_last_layer_frac"):
-    v = _lookup(config, name)
-    if v is not _MISSING and v > 1:
-      raise ValueError(f"config.{name}={v}: a fraction of the run must be <= 1 (-1 = use the *_epochs field)")
-  hl = _lookup(config, "optim.teacher_half_life_frac")
-  if hl is not _MISSING and not 0 <= hl <= 1:
-    raise ValueError(f"config.optim.teacher_half_life_frac={hl}: expected 0 (use momentum_teacher) or a fraction "
-                     "in (0, 1]")
-  from muse_jax.data import views  # pylint: disable=import-outside-toplevel
-  aug = _lookup(config, "data.color_aug")
-  if aug is not _MISSING and aug not in views.COLOR_AUGS:
-    raise ValueError(f"config.data.color_aug={aug!r}: expected one of {views.COLOR_AUGS}")
-  if aug == "hed" and not config.data.stain_jitter > 0:
-    raise ValueError("config.data.color_aug='hed' needs config.data.stain_jitter > 0 (e.g. 0.1)")
-  um = _lookup(config, "data.blur_sigma_um")
-  if um not in (_MISSING, None) and (len(um) != 2 or not 0 < float(um[0]) <= float(um[1])):
-    raise ValueError(f"config.data.blur_sigma_um={um}: expected (lo, hi) µm with 0 < lo <= hi")
-  if config.loss.w_image < 0 or config.loss.w_nu < 0 or (config.loss.w_image == 0 and config.loss.w_nu == 0):
-    raise ValueError(f"config.loss: weights must be >= 0 and not both 0 (got w_image={config.loss.w_image}, "
-                     f"w_nu={config.loss.w_nu})")
-  if config.data_source not in ("pipeline", "synthetic"):
-    raise ValueError(f"config.data_source={config.data_source!r}; expected 'pipeline' or 'synthetic'")
-  if config.data.n_global < 1:
-    raise ValueError(f"config.data.n_global={config.data.n_global}; the teacher needs at least one global view")
+    v = config_check.lookup(config, name)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1:
+      raise cli.UserError("a fraction of the run must be <= 1 (-1 = use the *_epochs field)", f"config.{name}",
+                          f"got {v}")
+  config_check.check(config, RULES, optional_fields=_OPTIONAL_FIELDS)
+  d = config.data
+  if config.loss.w_image == 0 and config.loss.w_nu == 0:
+    raise cli.UserError("loss weights must be >= 0 and not both 0", "config.loss",
+                        f"got w_image={config.loss.w_image}, w_nu={config.loss.w_nu}")
+  if config_check.lookup(config, "data.color_aug") == "hed" and not d.stain_jitter > 0:
+    raise cli.UserError("color_aug='hed' needs config.data.stain_jitter > 0 (e.g. 0.1)", "config.data.color_aug")
   mult = config.model.patch_size
   for f in ("global_size", "local_size"):
-    if (f == "global_size" or config.data.n_local > 0) and config.data[f] % mult:
-      raise ValueError(f"config.data.{f}={config.data[f]} must be a multiple of {mult} for model "
-                       f"{config.model.name!r}")
+    if (f == "global_size" or d.n_local > 0) and d[f] % mult:
+      raise cli.UserError(f"must be a multiple of {mult} for model {config.model.name!r}", f"config.data.{f}",
+                          f"got {d[f]}")
+  if d.mpp_dist == "discrete" and not d.mpp_choices:
+    raise cli.UserError("mpp_dist='discrete' needs at least one value", "config.data.mpp_choices")
+  if config.total_steps == -1 and config.steps_per_epoch == -1 and config.data_source == "synthetic":
+    raise cli.UserError("steps_per_epoch=-1 needs a dataset with a known length", "config.steps_per_epoch",
+                        "set it (or config.total_steps) explicitly with synthetic data")
+  if check_data and config.data_source == "pipeline":
+    from muse_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    pipeline.check_source(d)
+
+
+# Files that mark a folder as something other than a pretraining workdir (exports of either kind).
+FOREIGN_FILES = {"model_config.json": "a backbone export (muse_jax.export / tools.import_torch)",
+                 "ndc_config.json": "an NDC model export (muse_jax.finetune's export/)"}
+
+
+def check_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """Refuses a `workdir` that `run(config, workdir)` must not write into or resume (`config_check.check_workdir`
+  with `RESUMABLE`); returns the stored config, or None for a new workdir. Reads only `config.json`."""
+  return config_check.check_workdir(ckpt_lib._abs(workdir), "pretrain", config, RESUMABLE,  # pylint: disable=protected-access
+                                    foreign_files=FOREIGN_FILES, legacy=LEGACY_DEFAULTS)
 
 
 def make_data_iterator(config: ml_collections.ConfigDict) -> tuple[Iterator, int | None]:
@@ -234,9 +276,12 @@ def setup(config: ml_collections.ConfigDict, devices=None):
   The jitted functions are cached per (config, devices), so calling `run` again in the same process (a restart,
   a sweep of identical shapes) does not recompile.
   """
-  validate_config(config)
+  validate_config(config, check_data=False)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  mesh_lib.check_batch(config.batch_size, mesh)
+  try:
+    mesh_lib.check_batch(config.batch_size, mesh)
+  except ValueError as e:
+    raise cli.UserError(str(e), "config.batch_size") from None
   data_iter, n_regions = make_data_iterator(config)
   key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat), n_regions)
   if key in _SETUP_CACHE:
@@ -245,7 +290,7 @@ def setup(config: ml_collections.ConfigDict, devices=None):
   spe = config.steps_per_epoch
   if spe == -1:
     if not n_regions:
-      raise ValueError("config.steps_per_epoch=-1 needs a dataset with a known length; set it explicitly")
+      raise cli.UserError("-1 needs a dataset with a known length", "config.steps_per_epoch", "set it explicitly")
     spe = max(n_regions // config.batch_size, 1)
   out = build_step(config, mesh, spe)
   nets, tx, shardings = out["nets"], out["tx"], out["shardings"]
@@ -275,24 +320,37 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
     `last_checkpoint_step`, `preempted` (bool), `workdir`.
 
   Raises:
+    cli.UserError: a bad config field, data source or workdir (another command's, or a resume that would change a
+      field outside `RESUMABLE`), checked before anything is written; `workdir/config.json` is written (atomically)
+      only once the run is known to be valid (config checked, data opened, checkpoint restored).
+    ckpt_lib.CheckpointSaveError: a checkpoint could not be written; training stopped at once, the earlier
+      checkpoints are intact.
     NonFiniteLossError: a step produced a NaN/inf loss (the state of that step is not saved).
   """
   workdir = ckpt_lib._abs(workdir)  # pylint: disable=protected-access
   is_main = jax.process_index() == 0
+  validate_config(config, check_data=True)
+  check_workdir(workdir, config)
   s = setup(config, devices)
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   ckpt = ckpt_lib.Checkpointer(workdir / CHECKPOINT_DIR, keep=config.keep_checkpoints,
                                async_save=config.async_checkpointing)
   data_iter = s["data_iter"]
   latest = ckpt.latest_step()
   if latest is not None:
     abstract = ckpt_lib.abstract_like(s["abstract_state"], s["shardings"])
-    state, _ = ckpt.restore(abstract, data_iter, step=latest)
+    try:
+      state, _ = ckpt.restore(abstract, data_iter, step=latest)
+    except (ValueError, KeyError, OSError) as e:
+      ckpt.close(raise_errors=False)
+      raise cli.UserError("cannot restore the latest checkpoint", f"{ckpt.directory}/{latest}",
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    if is_main:
+      print(f"resuming {workdir} from step {latest}", file=sys.stderr, flush=True)
   else:
     state = s["create_state"](s["init_rng"])
+  if is_main:
+    config_check.write_json_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
   step = int(jax.device_get(state["step"]))
   total = s["total_steps"]
   end = total if stop_at_step is None else min(total, stop_at_step)
@@ -319,9 +377,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
   t_log, steps_since = time.perf_counter(), 0
   preempted = False
   t_start, steps_done = time.perf_counter(), 0
+  poll_saves = jax.process_count() == 1  # multi-process runs learn of a failed save at the next save (collective)
+  finished = False
   try:
     with ckpt_lib.PreemptionFlag() as pre:
       while step < end:
+        if poll_saves:
+          ckpt.check()  # a background save that failed stops training now, not at the next save
         batch = _global_batch(next(data_iter), s["batch_sharding"])
         state, metrics = s["jit_step"](state, batch, s["step_rng"])
         step += 1
@@ -359,10 +421,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, device
           preempted = True
           logging.warning("termination signal received: saved step %d and stopping", step)
           break
+    finished = True
   finally:
     if pbar is not None:
       pbar.close()
-    ckpt.close()
+    ckpt.close(raise_errors=finished)
   health = monitor.status()
   if is_main:
     (workdir / HEALTH_FILE).write_text(json.dumps(health, indent=2, default=float))
