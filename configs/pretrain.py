@@ -78,6 +78,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.w_image = 1.0
   c.loss.w_nu = 1.0
+  # Teacher targets per head: 'center' (DINO's centred, sharpened softmax; the paper's) or 'sinkhorn' (Sinkhorn-Knopp
+  # over the global batch as in SwAV / DINOv2: every prototype gets equal mass, which prevents the partial collapse
+  # onto a few prototypes that centering allows on small batches). Inferred: the spec does not name them.
+  c.loss.image_targets = "center"
+  c.loss.nu_targets = "center"
+  c.loss.sinkhorn_iters = 3
+  # KoLeo regulariser (DINOv2) on the student's nucleus features of the global views; 0 = off (the paper's).
+  c.loss.w_koleo_nu = 0.0
 
   # Optimisation (spec §3.7, DINO defaults).
   o = c.optim = ml_collections.ConfigDict()

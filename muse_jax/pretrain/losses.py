@@ -40,7 +40,7 @@ def student_log_probs(logits: jax.Array, temperature) -> jax.Array:
 
 
 def dino_loss(teacher_logits: jax.Array, student_logits: jax.Array, center: jax.Array, teacher_temp,
-              student_temp) -> jax.Array:
+              student_temp, teacher_targets: jax.Array | None = None) -> jax.Array:
   """Image-level DINO cross-entropy.
 
   Every teacher global view `i` is compared with every student view `j != i` (student views `0..Vg-1` are the same
@@ -52,6 +52,8 @@ def dino_loss(teacher_logits: jax.Array, student_logits: jax.Array, center: jax.
     center: [K] teacher center.
     teacher_temp: scalar teacher temperature.
     student_temp: scalar student temperature.
+    teacher_targets: optional [Vg, B, K] teacher distributions used instead of the centred, sharpened softmax
+      (e.g. `sinkhorn_knopp`).
 
   Returns:
     Scalar float32: mean over (pairs, batch) of `-sum_k P_t log P_s`.
@@ -59,7 +61,10 @@ def dino_loss(teacher_logits: jax.Array, student_logits: jax.Array, center: jax.
   vg, vs = teacher_logits.shape[0], student_logits.shape[0]
   if vs < vg:
     raise ValueError(f"student has {vs} views, fewer than the teacher's {vg} global views")
-  p_t = jax.lax.stop_gradient(teacher_probs(teacher_logits, center, teacher_temp))  # [Vg,B,K]
+  if teacher_targets is None:
+    p_t = jax.lax.stop_gradient(teacher_probs(teacher_logits, center, teacher_temp))  # [Vg,B,K]
+  else:
+    p_t = jax.lax.stop_gradient(teacher_targets.astype(jnp.float32))
   log_p_s = student_log_probs(student_logits, student_temp)  # [Vs,B,K]
   ce = -jnp.einsum("ibk,jbk->ijb", p_t, log_p_s)  # [Vg,Vs,B]
   pair_mask = 1.0 - np.eye(vg, vs, dtype=np.float32)  # j != i
@@ -94,7 +99,8 @@ def match_nuclei(teacher_ids: jax.Array, teacher_mask: jax.Array, student_ids: j
 
 def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Array], teacher_masks: Sequence[jax.Array],
               student_logits: Sequence[jax.Array], student_ids: Sequence[jax.Array], student_masks: Sequence[jax.Array],
-              center: jax.Array, teacher_temp, student_temp) -> dict[str, jax.Array]:
+              center: jax.Array, teacher_temp, student_temp,
+              teacher_targets: Sequence[jax.Array] | None = None) -> dict[str, jax.Array]:
   """Nucleus-level NuLo loss over all (teacher view i, student view j != i) pairs.
 
   For each pair the nuclei present in both views (same id, both valid) are matched; the cross-entropy between the
@@ -112,6 +118,8 @@ def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Arr
     center: [K] nucleus-head center.
     teacher_temp: scalar teacher temperature.
     student_temp: scalar student temperature.
+    teacher_targets: optional Vg arrays [B, M_i, K] of teacher distributions to use instead of the centred,
+      sharpened softmax (e.g. `sinkhorn_knopp`); the center statistics are still returned.
 
   Returns:
     dict with `loss` (scalar), `shared` (mean number of shared nuclei per (pair, sample), scalar),
@@ -128,7 +136,10 @@ def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Arr
   center_count = jnp.zeros((), jnp.float32)
   s_logp = [student_log_probs(s, student_temp) for s in student_logits]
   for i, (t_logit, t_id, t_m) in enumerate(zip(teacher_logits, teacher_ids, teacher_masks)):
-    p_t = jax.lax.stop_gradient(teacher_probs(t_logit, center, teacher_temp))  # [B,Mi,K]
+    if teacher_targets is not None:
+      p_t = jax.lax.stop_gradient(teacher_targets[i].astype(jnp.float32))  # [B,Mi,K]
+    else:
+      p_t = jax.lax.stop_gradient(teacher_probs(t_logit, center, teacher_temp))  # [B,Mi,K]
     any_match = jnp.zeros(t_id.shape, bool)
     for j, (lp_s, s_id, s_m) in enumerate(zip(s_logp, student_ids, student_masks)):
       if j == i:
@@ -205,3 +216,64 @@ def update_center(center: jax.Array, batch_mean: jax.Array, momentum: float, has
   """Center EMA `c <- m c + (1 - m) mean`; kept unchanged where `has_data` is False. Shapes [K]."""
   new = momentum * center + (1.0 - momentum) * jax.lax.stop_gradient(batch_mean)
   return jnp.where(has_data, new, center)
+
+
+def sinkhorn_knopp(teacher_logits: jax.Array, teacher_temp, weights: jax.Array | None = None,
+                   n_iters: int = 3) -> jax.Array:
+  """Teacher targets by Sinkhorn-Knopp normalisation (SwAV / DINOv2) instead of centering.
+
+  Alternately rescales `exp(logits / T)` so that every prototype gets the same total mass over the batch and every
+  sample sums to 1: a batch cannot put all its samples on a few prototypes (the partial collapse that centering
+  allows on small batches). Padding rows (weight 0) take no mass and return zeros.
+
+  Args:
+    teacher_logits: [N, K] raw teacher logits (N samples of the global batch; under jit the sums are global).
+    teacher_temp: scalar teacher temperature.
+    weights: [N] 1 for real samples, 0 for padding; None = all real.
+    n_iters: Sinkhorn iterations (DINOv2: 3).
+
+  Returns:
+    float32 [N, K]: rows of real samples sum to 1, padding rows are 0; stop-gradiented.
+  """
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  n, k = t.shape
+  w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+  n_real = jnp.maximum(w.sum(), 1.0)
+  z = t / teacher_temp
+  real = w[:, None] > 0
+  z = z - jnp.max(jnp.where(real, z, -jnp.inf), initial=-1e30)  # global shift: cancels out below
+  q = jnp.where(real, jnp.exp(jnp.clip(z, -80.0, 0.0)), 0.0)  # [N, K]
+  q = q / jnp.maximum(q.sum(), 1e-30)
+  for _ in range(n_iters):
+    q = q / jnp.maximum(q.sum(0, keepdims=True), 1e-30) / k  # every prototype: mass 1/K
+    q = q / jnp.maximum(q.sum(1, keepdims=True), 1e-30) / n_real  # every real sample: mass 1/N
+    q = q * w[:, None]
+  return jax.lax.stop_gradient(q * n_real)
+
+
+def koleo_loss(features: jax.Array, weights: jax.Array | None = None, eps: float = 1e-8) -> jax.Array:
+  """Kozachenko-Leonenko entropy regulariser (DINOv2): `-mean_i log(min_{j != i} ||x_i - x_j||)` on L2-normalised rows.
+
+  Pushes each feature away from its nearest neighbour in the batch, spreading the features over the sphere (a
+  kNN classifier then sees distinct neighbourhoods instead of a few tight clusters).
+
+  Args:
+    features: [N, C] features (float; normalised here).
+    weights: [N] 1 for real rows, 0 for padding (padding is neither a query nor a neighbour); None = all real.
+    eps: added inside the log.
+
+  Returns:
+    float32 scalar; 0 when fewer than 2 real rows.
+  """
+  x = features.astype(jnp.float32)
+  x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  n = x.shape[0]
+  w = jnp.ones((n,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+  dots = x @ x.T  # [N, N]
+  usable = (w[None, :] > 0) & ~jnp.eye(n, dtype=bool)
+  dots = jnp.where(usable, dots, -2.0)
+  nn_idx = jax.lax.stop_gradient(jnp.argmax(dots, axis=1))  # nearest neighbour (max cosine)
+  dist = jnp.linalg.norm(x - x[nn_idx] + eps, axis=-1)  # gradient through both ends, as DINOv2's pdist
+  has_nn = jnp.any(usable, axis=1) & (w > 0)
+  wq = has_nn.astype(jnp.float32)
+  return -jnp.sum(wq * jnp.log(dist + eps)) / jnp.maximum(wq.sum(), 1.0)

@@ -48,8 +48,11 @@ def _backbone(module, variables, images, train: bool, rng=None):
   return out, variables.get("batch_stats", {})
 
 
-def _nucleus_logits(head, head_params, f_map, group, b, v, image_size) -> list[jax.Array]:
-  """Samples `f_map` [B*V, h, w, C] at the group's nuclei and applies the nucleus head: V arrays [B, M, K]."""
+def _nucleus_logits(head, head_params, f_map, group, b, v, image_size, return_features: bool = False):
+  """Samples `f_map` [B*V, h, w, C] at the group's nuclei and applies the nucleus head: V arrays [B, M, K].
+
+  With `return_features`, returns `(logits, feats)` where feats is [B*V, M, C] (the sampled backbone features).
+  """
   m = group["coords"].shape[2]
   coords = group["coords"].reshape(b * v, m, 2)
   mask = group["mask"].reshape(b * v, m)
@@ -59,7 +62,21 @@ def _nucleus_logits(head, head_params, f_map, group, b, v, image_size) -> list[j
   # contribute to a loss or a center).
   feats = jnp.where(mask[..., None], feats, jnp.ones_like(feats))
   logits = head.apply({"params": head_params}, feats)
+  if return_features:
+    return _per_view(logits, b, v), feats
   return _per_view(logits, b, v)
+
+
+def loss_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The loss fields added by issue #21 with their defaults (configs written before them lack them).
+
+  `loss.image_targets` / `loss.nu_targets`: 'center' (DINO: centred, sharpened softmax) or 'sinkhorn'
+  (Sinkhorn-Knopp over the global batch, `loss.sinkhorn_iters` iterations); `loss.w_koleo_nu`: weight of a KoLeo
+  term on the student's sampled nucleus features of the global views (0 = off).
+  """
+  loss = config.loss
+  return {"image_targets": str(loss.get("image_targets", "center")), "nu_targets": str(loss.get("nu_targets", "center")),
+          "sinkhorn_iters": int(loss.get("sinkhorn_iters", 3)), "w_koleo_nu": float(loss.get("w_koleo_nu", 0.0))}
 
 
 def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_batch_stats, centers,
@@ -71,6 +88,7 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
     centers, and scalar metrics.
   """
   w_img, w_nu = float(config.loss.w_image), float(config.loss.w_nu)
+  opts = loss_options(config)
   student_temp = config.optim.student_temp
   groups = ["global"] + (["local"] if "local" in batch else [])
   teacher_params = jax.lax.stop_gradient(teacher_params)
@@ -102,7 +120,12 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
     s_cls = jnp.concatenate([
         jnp.stack(_per_view(nets.cls_head.apply({"params": params["cls_head"]}, o["f_cls"]), bb, vv))
         for (o, bb, vv, _) in s_outs.values()])  # [Vs, B, K]
-    l_img = losses.dino_loss(t_cls, s_cls, centers["cls"], teacher_temp, student_temp)
+    img_targets = None
+    if opts["image_targets"] == "sinkhorn":
+      vg_, b_, k_ = t_cls.shape
+      img_targets = losses.sinkhorn_knopp(t_cls.reshape(vg_ * b_, k_), teacher_temp,
+                                          n_iters=opts["sinkhorn_iters"]).reshape(vg_, b_, k_)
+    l_img = losses.dino_loss(t_cls, s_cls, centers["cls"], teacher_temp, student_temp, teacher_targets=img_targets)
     loss = loss + w_img * l_img
     metrics["loss_image"] = l_img
     k_cls = t_cls.shape[-1]
@@ -117,11 +140,32 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
     s_nu, s_ids, s_mask = [], [], []
     for name, (o, bb, vv, size) in s_outs.items():
       grp = batch[name]
-      s_nu += _nucleus_logits(nets.nu_head, params["nu_head"], o["f_map"], grp, bb, vv, size)
+      logits, feats = _nucleus_logits(nets.nu_head, params["nu_head"], o["f_map"], grp, bb, vv, size,
+                                      return_features=True)
+      s_nu += logits
       s_ids += [grp["ids"][:, i] for i in range(vv)]
       s_mask += [grp["mask"][:, i] for i in range(vv)]
+      if name == "global" and opts["w_koleo_nu"] > 0:
+        # KoLeo per global view over the global batch's nuclei ([B*M, C] each): spreads the nucleus features.
+        fm = grp["mask"].reshape(bb * vv, -1)
+        kl_terms = [losses.koleo_loss(feats.reshape(bb, vv, -1, feats.shape[-1])[:, i].reshape(-1, feats.shape[-1]),
+                                      fm.reshape(bb, vv, -1)[:, i].reshape(-1)) for i in range(vv)]
+        l_koleo = sum(kl_terms) / len(kl_terms)
+        loss = loss + opts["w_koleo_nu"] * l_koleo
+        metrics["loss_koleo_nu"] = l_koleo
+    nu_targets = None
+    if opts["nu_targets"] == "sinkhorn":
+      m_t = [x.shape[1] for x in t_nu]
+      flat = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in t_nu])
+      wts = jnp.concatenate([g["mask"][:, i].reshape(-1) for i in range(vg)])
+      q = losses.sinkhorn_knopp(flat, teacher_temp, weights=wts, n_iters=opts["sinkhorn_iters"])
+      nu_targets, off = [], 0
+      for i in range(vg):
+        n_i = b * m_t[i]
+        nu_targets.append(q[off:off + n_i].reshape(b, m_t[i], -1))
+        off += n_i
     nu = losses.nulo_loss(t_nu, [g["ids"][:, i] for i in range(vg)], [g["mask"][:, i] for i in range(vg)],
-                          s_nu, s_ids, s_mask, centers["nu"], teacher_temp, student_temp)
+                          s_nu, s_ids, s_mask, centers["nu"], teacher_temp, student_temp, teacher_targets=nu_targets)
     loss = loss + w_nu * nu["loss"]
     # Diagnostics only: on the first NU_HEALTH_NUCLEI slots of each global view (valid nuclei come first), so that
     # a second softmax over [B, M, K_nu] (8.6 GB at vit_s16's batch 512, M 256, K 8192) is not added to the step.
