@@ -56,6 +56,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # 'bundled', 'brca:PATH', 'tfds:[NAME@]DATA_DIR', 'folder:PATH') or 'synthetic' (random images and nuclei).
   c.data_source = "pipeline"
   c.data = pipeline.default_data_config("lfov" if variant.startswith("lfov") else "default")
+  # Where the regions come from. Only `tiny` (the test / smoke config) names the bundled 11-tile sample; every other
+  # variant starts unset, so a run that forgets `--config.data.source` stops at start naming the field instead of
+  # pretraining on the sample (issue #19).
+  c.data.source = "bundled" if variant == "tiny" else ""
   c.synthetic_region_nuclei = 32  # nuclei per synthetic region (data_source='synthetic' only)
   c.batch_size = 512  # GLOBAL batch (regions per step); must be a multiple of the device count
 

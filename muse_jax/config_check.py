@@ -104,12 +104,13 @@ def boolean() -> Rule:
   return rule
 
 
-def string(nonempty: bool = False) -> Rule:
+def string(nonempty: bool = False, empty_hint: str | None = None) -> Rule:
+  """A string; with `nonempty`, not blank (`empty_hint` says what to set instead)."""
   def rule(v, where):
     if not isinstance(v, str):
       raise _type_error(v, where, "a string")
     if nonempty and not v.strip():
-      raise cli.UserError("is empty", where)
+      raise cli.UserError("not set" if empty_hint else "is empty", where, empty_hint)
   return rule
 
 

@@ -45,7 +45,12 @@ def main(argv) -> int:
   train.validate_config(_CONFIG.value, check_data=True)  # before the (possibly slow) multi-host start-up
   train.check_workdir(_WORKDIR.value, _CONFIG.value)
   distributed.initialize_from_flags(_DIST)
-  out = train.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    out = train.run(_CONFIG.value, _WORKDIR.value)
+  except train.NonFiniteLossError as e:  # a diverged run is fixed by changing the config: one line, exit 2
+    raise cli.UserError(str(e).rstrip("."), f"--workdir {_WORKDIR.value}",
+                        "lower config.optim.base_lr or config.optim.clip_grad, then rerun (it resumes from that "
+                        "checkpoint)") from e
   print(json.dumps({k: v for k, v in out.items() if k not in ("last_metrics", "health")}), flush=True)
   print(out["health"]["line"], flush=True)
   return cli.EXIT_PREEMPTED if out["preempted"] else cli.EXIT_OK

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import subprocess
+import textwrap
 import sys
 
 import jax
@@ -297,6 +298,32 @@ def test_main_cli_bad_value_is_one_line_exit_2(tmp_path):
                               str(tmp_path / "wd"), "--config.data.mpp_range=foo"))
   assert "config.data.mpp_range" in line
   assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("variant", ["vit_s16", "small"])
+def test_main_cli_without_data_source_is_one_line_exit_2(variant, tmp_path):
+  # Only `tiny` names the bundled sample; a full-size config without --config.data.source must not pretrain on it.
+  line = _one_error_line(_cli("muse_jax.main", "--config", f"configs/pretrain.py:{variant}", "--workdir",
+                              str(tmp_path / "wd"), *(["--config.data.source="] if variant == "small" else [])))
+  assert "config.data.source" in line and "bundled" in line
+  assert not (tmp_path / "wd").exists()
+
+
+def test_main_cli_non_finite_loss_is_one_line_exit_2(tmp_path):
+  code = textwrap.dedent(f"""
+      import sys
+      from muse_jax import cli, main
+      from muse_jax.pretrain import train
+      def diverge(*args, **kwargs):
+        raise train.NonFiniteLossError(7, float("nan"), 5)
+      train.run = diverge
+      sys.argv = ["main", "--config", "configs/pretrain.py:tiny", "--workdir", {str(tmp_path / "wd")!r}]
+      cli.run_absl(main.main)
+      """)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)))
+  line = _one_error_line(proc)
+  assert "non-finite loss (nan) at step 7" in line and "step 5" in line and "base_lr" in line
 
 
 def test_finetune_cli_without_data_dir_is_one_line_exit_2(tmp_path):

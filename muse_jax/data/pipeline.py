@@ -176,6 +176,9 @@ def parse_source(src: str) -> list[tuple[str, str]]:
   """Splits a source string into `(kind, arg)` parts (`('bundled', '')`, `('brca', PATH)`, `('tfds', ARG)`,
   `('folder', PATH)`); raises `cli.UserError` naming `config.data.source` on a malformed one. Reads nothing."""
   src = str(src)
+  if not src.strip():
+    raise cli.UserError('not set', _WHERE, f"pass --config.data.source=... ({SOURCE_FORMS}); 'bundled' is the "
+                        '11-tile sample inside the package, used only when named')
   names = [p.strip() for p in src.split('|')]
   if any(not p for p in names) or len(set(names)) != len(names):
     raise cli.UserError('a union needs non-empty, distinct parts joined by "|"', _WHERE, f'got {src!r}')

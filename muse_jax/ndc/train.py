@@ -563,7 +563,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     if (step + 1) % int(config.train.log_every) == 0 or step + 1 == total or step == start:
       m = {k: float(_host(v)) for k, v in m.items()}
       if not math.isfinite(m["loss"]):
-        raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} ({m}); lower config.optim.lr")
+        raise cli.UserError(f"non-finite loss ({m['loss']}) at step {step + 1}; training stopped", f"--workdir {workdir}",
+                            "the bad state was not saved; lower config.optim.lr, then rerun (it resumes from the last "
+                            "checkpoint)")
       now = time.time()
       m.update({"step": step + 1, "time": now - t0, "steps_per_s": (step + 1 - start) / max(now - t0, 1e-9)})
       last = m

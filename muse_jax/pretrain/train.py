@@ -67,7 +67,9 @@ RULES: dict[str, config_check.Rule] = {
     "model.dim_ratios": C.sequence(C.positive()), "model.stem_width": C.integer(1),
     "model.stage_depths": C.sequence(C.integer(1)),
     # data (muse_jax/data/pipeline.py)
-    "data.source": C.string(nonempty=True), "data.split": C.string(nonempty=True),
+    "data.source": C.string(nonempty=True, empty_hint=(
+        "pass --config.data.source=... ('brca:PATH', 'tfds:DATA_DIR', 'folder:PATH', a union a|b, or 'bundled' for "
+        "the 11-tile sample inside the package, used only when named)")), "data.split": C.string(nonempty=True),
     "data.global_size": C.integer(1), "data.local_size": C.integer(1), "data.n_global": C.integer(1),
     "data.n_local": C.integer(0), "data.mpp_range": C.pair(unit="µm/px"),
     "data.mpp_dist": C.choice("uniform", "loguniform", "discrete"),
