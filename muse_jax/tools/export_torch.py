@@ -20,6 +20,7 @@ import os
 import pathlib
 from typing import Sequence
 
+from muse_jax import cli
 from muse_jax.tools import convert, torch_format
 
 LAYOUTS = ("teacher", "state_dict")
@@ -68,7 +69,7 @@ def export_backbone(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m muse_jax.tools.export_torch", description=__doc__,
+  parser = cli.ArgumentParser(prog="python -m muse_jax.tools.export_torch", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--backbone", required=True, help="backbone directory (or random:<variant>)")
   parser.add_argument("--out", required=True, help="output .pth file")
@@ -79,5 +80,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f"wrote {path} ({args.layout} layout)")
 
 
+# A bad or unreadable checkpoint / backbone (ConversionError, TorchFormatError, a bad value) is a user error: one
+# line on stderr, exit 2 (`--debug` shows the traceback).
+USER_ERRORS = cli.USER_ERROR_TYPES + (convert.ConversionError, torch_format.TorchFormatError, ValueError)
+
 if __name__ == "__main__":
-  main()
+  import sys
+  sys.exit(cli.run(main, user_errors=USER_ERRORS))

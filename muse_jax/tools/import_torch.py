@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from muse_jax import cli
 from muse_jax.tools import convert, torch_format
 
 ARCHS = ("auto", "vit_s16", "vit_b16", "r50", "tiny", "tiny_r50")
@@ -95,7 +96,7 @@ def import_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m muse_jax.tools.import_torch", description=__doc__,
+  parser = cli.ArgumentParser(prog="python -m muse_jax.tools.import_torch", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="official MUSE .pth file (or a plain state dict)")
   parser.add_argument("--arch", default="auto", choices=ARCHS, help="model variant (default: from the tensors)")
@@ -111,5 +112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{info['skipped_tensors']} non-backbone tensors left out")
 
 
+# A bad or unreadable checkpoint / backbone (ConversionError, TorchFormatError, a bad value) is a user error: one
+# line on stderr, exit 2 (`--debug` shows the traceback).
+USER_ERRORS = cli.USER_ERROR_TYPES + (convert.ConversionError, torch_format.TorchFormatError, ValueError)
+
 if __name__ == "__main__":
-  main()
+  import sys
+  sys.exit(cli.run(main, user_errors=USER_ERRORS))
