@@ -163,7 +163,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.log_every_steps = 5
   if variant == "study":
     # Sized from a timing run on the shared 2 cores (experiments/RESULTS.md, "Reproduction study").
-    c.data.source = "brca:BRCA-M2C"  # the study passes 'brca:PATH|folder:REGIONS'
+    c.data.source = ""  # unset: the study passes 'brca:PATH|folder:REGIONS'
     c.data.n_global, c.data.global_size = 2, 96
     c.data.n_local, c.data.local_size = 4, 48
     c.data.max_nuclei_global, c.data.max_nuclei_local = 64, 32
@@ -179,7 +179,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # model that resolves single nuclei (8 px patches: a token is 4 µm at 0.5 µm/px), views at the evaluation's
     # scale, overlapping views so NuLo sees tens of shared nuclei, H&E stain jitter instead of DINO's RGB jitter /
     # grayscale / solarisation, blur in µm, and schedules that follow the run's length.
-    c.data.source = "brca:BRCA-M2C"  # pass 'brca:PATH' or 'brca:PATH|folder:REGIONS' (train + val; never test)
+    c.data.source = ""  # unset: pass 'brca:PATH' or 'brca:PATH|folder:REGIONS' (train + val; never test)
     c.data.n_global, c.data.global_size = 2, 96
     c.data.n_local, c.data.local_size = 4, 64
     c.data.max_nuclei_global, c.data.max_nuclei_local = 64, 32
