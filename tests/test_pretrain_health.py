@@ -222,6 +222,7 @@ def test_resume_drops_rows_after_the_restored_step_and_replays_the_rest(tmp_path
 ])
 def test_recipe_fields_are_validated_at_start(field, value, match):
   c = pretrain.get_config("small")
+  c.data.source = "bundled"  # `small` starts with the source unset (issue #19); any valid one will do here
   node = c
   *parents, leaf = field.split(".")
   for p in parents:
@@ -230,7 +231,10 @@ def test_recipe_fields_are_validated_at_start(field, value, match):
   with pytest.raises(ValueError, match=match):
     train.validate_config(c)
   c = pretrain.get_config("small")
+  c.data.source = "bundled"
   c.data.stain_jitter = 0.0
   with pytest.raises(ValueError, match="stain_jitter > 0"):
     train.validate_config(c)
-  train.validate_config(pretrain.get_config("small"))
+  c = pretrain.get_config("small")
+  c.data.source = "bundled"
+  train.validate_config(c)
