@@ -78,9 +78,13 @@ def run(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | No
         user_errors: tuple[type[BaseException], ...] = USER_ERROR_TYPES) -> int:
   """Calls `main(argv)`; a user error becomes one stderr line and `EXIT_USAGE`. Returns the exit code."""
   debug = _debug_requested(argv)
-  argv2 = strip_debug(argv)
+  return _call(main, strip_debug(argv), debug, user_errors)
+
+
+def _call(main: Callable, args, debug: bool, user_errors: tuple[type[BaseException], ...]) -> int:
+  """`main(args)` as an exit code: its return value (None = 0), or `EXIT_USAGE` after printing a user error."""
   try:
-    rc = main(argv2)
+    rc = main(args)
   except user_errors as e:
     if debug:
       raise
@@ -152,15 +156,10 @@ def mpp(value: Any, where: str) -> float:
 
 def positive_int(value: Any, where: str, *, allow_zero: bool = False) -> int:
   """An int > 0 (>= 0 with allow_zero)."""
-  if isinstance(value, bool) or not isinstance(value, (int,)) and not (isinstance(value, float)
-                                                                       and float(value).is_integer()):
-    try:
-      if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-      else:
-        raise TypeError
-    except TypeError:
-      raise UserError("not an integer", where, f"got {value!r}") from None
+  if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    value = int(value)
+  if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+    raise UserError("not an integer", where, f"got {value!r}")
   v = int(value)
   if v < 0 or (v == 0 and not allow_zero):
     raise UserError(f"must be {'>= 0' if allow_zero else '> 0'}", where, f"got {v}")
@@ -201,13 +200,6 @@ def run_absl(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
   def wrapped(args: list[str]) -> int:
     if not (flags.FLAGS["verbosity"].present or debug):
       absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-      rc = main(args)
-    except user_errors as e:
-      if debug:
-        raise
-      print(format_error(e), file=sys.stderr, flush=True)
-      return EXIT_USAGE
-    return EXIT_OK if rc is None else int(rc)
+    return _call(main, args, debug, user_errors)
 
   app.run(wrapped, argv=argv2, flags_parser=parse)

@@ -3,7 +3,7 @@
 prepare: records remember what they were built from (reuse the same, refuse another source, `--overwrite`);
 prepare / evaluate / score / demo: every value checked before any work, a user error is one stderr line
 `error: <what> (<where>): <why>` and exit code 2 (`--debug`: the traceback); score: a bad row names file, line,
-column. No /work/shared data: the bundled sample and synthetic files only.
+column. No data outside the repository: the bundled sample and synthetic files only.
 """
 import json
 import os

@@ -147,23 +147,20 @@ def compute_losses(nets: Networks, params, batch_stats, teacher_params, teacher_
       s_mask += [grp["mask"][:, i] for i in range(vv)]
       if name == "global" and opts["w_koleo_nu"] > 0:
         # KoLeo per global view over the global batch's nuclei ([B*M, C] each): spreads the nucleus features.
-        fm = grp["mask"].reshape(bb * vv, -1)
-        kl_terms = [losses.koleo_loss(feats.reshape(bb, vv, -1, feats.shape[-1])[:, i].reshape(-1, feats.shape[-1]),
-                                      fm.reshape(bb, vv, -1)[:, i].reshape(-1)) for i in range(vv)]
+        c = feats.shape[-1]
+        per_view = feats.reshape(bb, vv, -1, c)  # batch-major, as _flat_views
+        kl_terms = [losses.koleo_loss(per_view[:, i].reshape(-1, c), grp["mask"][:, i].reshape(-1))
+                    for i in range(vv)]
         l_koleo = sum(kl_terms) / len(kl_terms)
         loss = loss + opts["w_koleo_nu"] * l_koleo
         metrics["loss_koleo_nu"] = l_koleo
     nu_targets = None
     if opts["nu_targets"] == "sinkhorn":
-      m_t = [x.shape[1] for x in t_nu]
-      flat = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in t_nu])
-      wts = jnp.concatenate([g["mask"][:, i].reshape(-1) for i in range(vg)])
-      q = losses.sinkhorn_knopp(flat, teacher_temp, weights=wts, n_iters=opts["sinkhorn_iters"])
-      nu_targets, off = [], 0
-      for i in range(vg):
-        n_i = b * m_t[i]
-        nu_targets.append(q[off:off + n_i].reshape(b, m_t[i], -1))
-        off += n_i
+      # One Sinkhorn-Knopp over every nucleus of every global view (all views of a group share M).
+      stacked = jnp.stack(t_nu)  # [Vg, B, M, K]
+      q = losses.sinkhorn_knopp(stacked.reshape(-1, stacked.shape[-1]), teacher_temp,
+                                weights=jnp.moveaxis(g["mask"], 1, 0).reshape(-1), n_iters=opts["sinkhorn_iters"])
+      nu_targets = list(q.reshape(stacked.shape))
     nu = losses.nulo_loss(t_nu, [g["ids"][:, i] for i in range(vg)], [g["mask"][:, i] for i in range(vg)],
                           s_nu, s_ids, s_mask, centers["nu"], teacher_temp, student_temp, teacher_targets=nu_targets)
     loss = loss + w_nu * nu["loss"]
