@@ -160,6 +160,18 @@ def test_core_package_does_not_load_libtpu():
   assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("variant", ["tiny", "vit_s16", "vit_b16", "r50", "lfov_vit_b16", "study", "small",
+                                     "small_sk"])
+def test_every_recipe_is_compilable_without_a_data_source(variant):
+  # The full-size recipes start with `data.source` unset (a run must name its data); compiling reads no data, so
+  # `.ci/aot_check.sh`'s `--config configs/pretrain.py:vit_s16` must not need one.
+  cfg = aot.load_config(f"configs/pretrain.py:{variant}", [])
+  assert (cfg.data.source == "") == (variant != "tiny")
+  out = aot.compile_config(cfg, n_devices=4, per_device_batch=2)
+  assert out.data_source == "synthetic" and out.batch_size == 8
+  assert cfg.data_source == "pipeline"  # the caller's config is not changed
+
+
 def test_trainer_batch_check_names_the_field():
   cfg = aot.load_config("configs/pretrain.py:tiny", ["batch_size=6"])
   with pytest.raises(ValueError, match=r"config.batch_size=6 must be a positive multiple"):

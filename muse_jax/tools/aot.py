@@ -173,6 +173,24 @@ def pretrain_batch_shapes(config: ml_collections.ConfigDict, global_batch: int) 
   return out
 
 
+def compile_config(config: ml_collections.ConfigDict, n_devices: int,
+                   per_device_batch: int | None = None) -> ml_collections.ConfigDict:
+  """A validated copy of a pretraining `config` to compile (not run): synthetic data (the step's program depends on
+  shapes only, so any recipe compiles without a data source), a known epoch length, and with `per_device_batch` the
+  global batch `per_device_batch * n_devices`."""
+  # pylint: disable=import-outside-toplevel
+  from muse_jax.pretrain import train as train_lib
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    if per_device_batch is not None:
+      config.batch_size = int(per_device_batch) * n_devices
+    config.data_source = "synthetic"
+    if config.steps_per_epoch == -1:
+      config.steps_per_epoch = 1000
+  train_lib.validate_config(config)
+  return config
+
+
 def pretrain_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], per_device_batch: int | None = None,
                   *, check_batch: bool = True) -> StepSpec:
   """The pretraining step of `muse_jax.pretrain` for `devices`, exactly as `muse_jax.pretrain.train.setup` builds it.
@@ -186,15 +204,7 @@ def pretrain_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Devic
   # pylint: disable=import-outside-toplevel
   from muse_jax.pretrain import mesh as mesh_lib
   from muse_jax.pretrain import train as train_lib
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    if per_device_batch is not None:
-      config.batch_size = int(per_device_batch) * len(devices)
-    # Nothing is read: the step's program does not depend on the data source, only on shapes.
-    config.data_source = "synthetic"
-    if config.steps_per_epoch == -1:
-      config.steps_per_epoch = 1000
-  train_lib.validate_config(config)
+  config = compile_config(config, len(devices), per_device_batch)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   if check_batch:
     mesh_lib.check_batch(config.batch_size, mesh, process_count=1)
