@@ -43,11 +43,12 @@ METHODS = ("random", "raw", "dino", "nulo", "muse", "muse_fixed")
 PRETRAINED = ("dino", "nulo", "muse", "muse_fixed")
 DEFAULT_VARIANT = "small"  # configs/pretrain.py variant of the pretrained methods (issue #21's recipe)
 RAW_SOURCE = "raw:16"  # the raw-pixel baseline: 16 px windows of pixels centred on each nucleus
+# Absolute loss weights, so that a variant whose default is one loss only (`small_sk`: NuLo) still ablates right.
 METHOD_OVERRIDES: dict[str, dict[str, str]] = {
-    "dino": {"loss.w_nu": "0"},
-    "nulo": {"loss.w_image": "0"},
-    "muse": {},
-    "muse_fixed": {"data.mpp_range": "(0.5, 0.5)"},
+    "dino": {"loss.w_image": "1.0", "loss.w_nu": "0.0"},
+    "nulo": {"loss.w_image": "0.0", "loss.w_nu": "1.0"},
+    "muse": {"loss.w_image": "1.0", "loss.w_nu": "1.0"},
+    "muse_fixed": {"loss.w_image": "1.0", "loss.w_nu": "1.0", "data.mpp_range": "(0.5, 0.5)"},
 }
 METHOD_LABELS = {"random": "random init", "raw": "raw pixels (16 px)", "dino": "DINO (image loss)",
                  "nulo": "NuLo (nucleus loss)",
@@ -90,11 +91,14 @@ def model_variant(variant: str) -> str:
 
 
 def pretrain_command(python: str, root: pathlib.Path, method: str, seed: int, source: str,
-                     region_mpp: float, extra: Sequence[str] = (), variant: str = DEFAULT_VARIANT) -> list[str]:
-  """`python -m muse_jax.main` for one pretrained method and seed."""
+                     region_mpp: float | None, extra: Sequence[str] = (),
+                     variant: str = DEFAULT_VARIANT) -> list[str]:
+  """`python -m muse_jax.main` for one pretrained method and seed (`region_mpp` None: no slide regions)."""
   cmd = [python, "-m", "muse_jax.main", "--config", f"configs/pretrain.py:{variant}",
          "--workdir", str(root / "pretrain" / run_name(method, seed)),
-         f"--config.seed={seed}", f"--config.data.source={source}", f"--config.data.region_mpp={region_mpp}"]
+         f"--config.seed={seed}", f"--config.data.source={source}"]
+  if region_mpp is not None:
+    cmd.append(f"--config.data.region_mpp={region_mpp}")
   cmd += [f"--config.{k}={v}" for k, v in METHOD_OVERRIDES[method].items()]
   return cmd + list(extra)
 
@@ -251,8 +255,8 @@ def cut_slide(slide_path: str, out: pathlib.Path, *, size: int = REGION_SIZE,
 
 # ------------------------------------------------------------------------------------------------- stages
 
-def slide_source(root: pathlib.Path, brca: str) -> str:
-  return f"brca:{brca}|folder:{root / 'slide_regions'}"
+def slide_source(root: pathlib.Path, brca: str, no_slide: bool = False) -> str:
+  return f"brca:{brca}" if no_slide else f"brca:{brca}|folder:{root / 'slide_regions'}"
 
 
 def do_pretrain(args, method: str, seed: int) -> dict[str, Any] | None:
@@ -260,11 +264,12 @@ def do_pretrain(args, method: str, seed: int) -> dict[str, Any] | None:
   if method in ("random", "raw"):
     return None
   root = pathlib.Path(args.root)
-  regions = json.loads((root / "slide_regions" / "regions.json").read_text())
+  no_slide = getattr(args, "no_slide", False)
+  region_mpp = None if no_slide else json.loads((root / "slide_regions" / "regions.json").read_text())["mpp"]
   wd = root / "pretrain" / run_name(method, seed)
   extra = [f"--config.total_steps={args.pretrain_steps}"] if args.pretrain_steps else []
-  cmds = [pretrain_command(args.python, root, method, seed, slide_source(root, args.brca), regions["mpp"], extra,
-                           args.variant),
+  cmds = [pretrain_command(args.python, root, method, seed, slide_source(root, args.brca, no_slide), region_mpp,
+                           extra, args.variant),
           [args.python, "-m", "muse_jax.export", "--workdir", str(wd), "--out", str(wd / "export")]]
   return run_logged(cmds, wd, cwd=args.repo)
 
@@ -594,6 +599,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--figures", default=str(pathlib.Path(__file__).parent / "figures"))
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+  p.add_argument("--no_slide", action="store_true",
+                 help="pretrain on BRCA-M2C train + val only (no slide regions; the slide stage is not needed)")
   p.add_argument("--variant", default=DEFAULT_VARIANT,
                  help="configs/pretrain.py variant of the pretrained methods ('small': issue #21's recipe; 'study': "
                       "the first study's)")

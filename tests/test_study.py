@@ -159,7 +159,12 @@ def test_commands_are_the_project_clis(study, tmp_path):
   assert cmd[:5] == ["py", "-m", "muse_jax.main", "--config", "configs/pretrain.py:small"]  # issue #21's recipe
   assert "--config.seed=2" in cmd and "--config.data.mpp_range=(0.5, 0.5)" in cmd
   assert study.pretrain_command("py", root, "muse", 0, "s", 0.5, variant="study")[4] == "configs/pretrain.py:study"
-  assert "--config.loss.w_nu=0" in study.pretrain_command("py", root, "dino", 0, "s", 0.5)
+  dino = study.pretrain_command("py", root, "dino", 0, "s", 0.5)
+  assert "--config.loss.w_nu=0.0" in dino and "--config.loss.w_image=1.0" in dino
+  # small_sk's default is NuLo only: the MUSE row must switch the image loss back on; no slide -> no region mpp.
+  muse = study.pretrain_command("py", root, "muse", 1, "brca:B", None, variant="small_sk")
+  assert "--config.loss.w_image=1.0" in muse and not any("region_mpp" in c for c in muse)
+  assert study.slide_source(root, "B", no_slide=True) == "brca:B"
   ev = study.eval_command("py", root, "/b", "random", 1)
   assert ev[ev.index("--backbone") + 1] == "random:tiny_p8" and ev[ev.index("--backbone_seed") + 1] == "1"
   assert study.eval_command("py", root, "/b", "random", 1, "study")[4] == "random:tiny"
