@@ -1,0 +1,166 @@
+"""The whole-slide corpus on Apache Beam (`muse_jax.data.build_corpus`): DirectRunner in-process and multi-process
+give the same records, bad slides become dead letters, duplicates are read once, the bundled CMU slide builds, and
+pretraining reads the corpus through `tfds:DATA_DIR`."""
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain
+from muse_jax.data import build_corpus as bc
+from muse_jax.data import pipeline
+from muse_jax.pretrain import train
+from muse_jax.slide import cmu_small_region_path, synthetic
+
+IN_PROCESS = ['--direct_num_workers=1', '--direct_running_mode=in_memory']
+MULTI_PROCESS = ['--direct_num_workers=2', '--direct_running_mode=multi_processing']
+ROI = ['--roi_size', '128', '--min_tissue', '0.5', '--no_progress']
+
+
+def _records(out) -> list[dict]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  src = tfds.data_source(bc.DATASET, data_dir=str(out), split='train')
+  return [src[i] for i in range(len(src))]
+
+
+def _one_error_line(capsys, *needles):
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: '), err
+  for n in needles:
+    assert n in err[0], (n, err[0])
+  return err[0]
+
+
+@pytest.fixture(scope='module')
+def slides(tmp_path_factory):
+  """Two good synthetic slides, a byte copy of one, a corrupt file, an mpp-less slide and a blank slide."""
+  d = tmp_path_factory.mktemp('slides')
+  synthetic.write_synthetic_slide(d / 'a.tif', 512, 512, mpp=0.5, tile=128, seed=1)
+  synthetic.write_synthetic_slide(d / 'b.tif', 384, 512, mpp=0.5, tile=128, seed=2)
+  shutil.copyfile(d / 'a.tif', d / 'a_copy.tif')
+  (d / 'corrupt.svs').write_bytes(b'II*\x00' + b'\x00' * 100)
+  synthetic.write_synthetic_slide(d / 'no_mpp.tif', 256, 256, mpp=None, tile=128)
+  synthetic.write_synthetic_slide(d / 'blank.tif', 256, 256, mpp=0.5, tissue=False, tile=128)
+  return d
+
+
+@pytest.fixture(scope='module')
+def built(slides, tmp_path_factory):
+  """The corpus of the slide folder, built with the in-process DirectRunner through the CLI."""
+  out = tmp_path_factory.mktemp('corpus')
+  rc = bc.main(['--slides', str(slides), '--out', str(out), *ROI, *IN_PROCESS])
+  return out, rc
+
+
+def test_in_process_and_multi_process_give_the_same_records(built, slides, tmp_path):
+  out1, _ = built
+  # listed in another order (a glob and a file) and built by two worker processes
+  rc = bc.main(['--slides', str(slides / 'b.tif'), str(slides / '*.*'), '--out', str(tmp_path), *ROI,
+                *MULTI_PROCESS])
+  assert rc == 3
+  a, b = _records(out1), _records(tmp_path)
+  assert len(a) == len(b) > 5
+  for ra, rb in zip(a, b):
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
+  assert (out1 / bc.FAILED_FILE).read_text() == (tmp_path / bc.FAILED_FILE).read_text()
+
+
+def test_bad_slides_are_dead_letters_and_the_corpus_finishes(built, slides):
+  out, rc = built
+  assert rc == 3  # partial: some slides are in failed.jsonl
+  rows = [json.loads(line) for line in (out / bc.FAILED_FILE).read_text().splitlines()]
+  by_slide = {pathlib.Path(r['slide']).name: r for r in rows}
+  assert sorted(by_slide) == ['blank.tif', 'corrupt.svs', 'no_mpp.tif']
+  assert by_slide['corrupt.svs']['stage'] == 'open'
+  assert by_slide['no_mpp.tif']['stage'] == 'mpp' and 'no resolution' in by_slide['no_mpp.tif']['reason']
+  assert by_slide['blank.tif']['stage'] == 'tissue'
+  s = json.loads((out / bc.SUMMARY_FILE).read_text())
+  assert s['totals']['slides_failed'] == 3 and s['totals']['slides_used'] == 2
+
+
+def test_duplicate_slide_is_read_once_and_summary_counts(built, slides):
+  out, _ = built
+  s = json.loads((out / bc.SUMMARY_FILE).read_text())
+  assert [pathlib.Path(d['slide']).name for d in s['duplicates']] == ['a_copy.tif']
+  assert pathlib.Path(s['duplicates'][0]['same_as']).name == 'a.tif'
+  recs = _records(out)
+  names = [r['name'].decode() for r in recs]
+  assert len(names) == len(set(names)) == s['totals']['rois'] == s['splits']['train']
+  assert {n.split('_x')[0] for n in names} == {'a', 'b'}
+  assert sum(len(r['coords']) for r in recs) == s['totals']['nuclei']
+  assert [pathlib.Path(p['slide']).name for p in s['slides']] == ['a.tif', 'b.tif']
+  assert sum(p['rois'] for p in s['slides']) == s['totals']['rois']
+  assert s['totals']['nuclei_per_mm2_tissue'] > 0 and s['totals']['nuclei_per_roi']['median'] > 0
+  r = recs[0]
+  assert r['image'].shape == (128, 128, 3) and r['image'].dtype == np.uint8
+  assert r['coords'].dtype == np.float32 and r['coords'].shape[1] == 2
+  assert float(r['mpp']) == 0.5 and 0.5 <= float(r['tissue']) <= 1.0
+  assert (r['coords'] >= 0).all() and (r['coords'] <= 127).all()
+  assert (out / bc.HISTOGRAM_FILE).read_bytes()[:4] == b'\x89PNG'
+  assert not (out / bc.PARTS_DIR).exists()
+
+
+def test_pretraining_reads_the_corpus(built, tmp_path):
+  out, _ = built
+  c = pretrain.get_config('tiny')
+  c.data.source = f'tfds:{out}'  # the one dataset in the data dir
+  c.data.n_global, c.data.global_size, c.data.n_local, c.data.local_size = 2, 64, 1, 32
+  c.data.max_nuclei_global, c.data.max_nuclei_local = 8, 4
+  c.data.read_threads = 1
+  c.batch_size = 4
+  c.heads.cls_out_dim, c.heads.nu_out_dim, c.heads.hidden_dim, c.heads.bottleneck_dim = 32, 16, 32, 16
+  c.steps_per_epoch, c.total_steps = 2, 2
+  c.checkpoint_every_steps = 2
+  c.async_checkpointing = False
+  c.progress_bar = False
+  train.validate_config(c, check_data=True)
+  res = train.run(c, tmp_path / 'wd', devices=jax.devices()[:1])
+  assert res['step'] == 2 and np.isfinite(res['last_metrics']['loss'])
+  assert pipeline.resolve_tfds(str(out)) == (bc.DATASET, str(out))
+
+
+def test_cmu_slide_builds(tmp_path):
+  s = bc.build([str(cmu_small_region_path())], str(tmp_path), roi_size=512, min_tissue=0.5, beam_args=IN_PROCESS,
+               progress=False)
+  assert s['failed'] == [] and s['totals']['slides_used'] == 1
+  assert s['totals']['rois'] >= 4 and s['totals']['nuclei_per_roi']['median'] > 20
+  recs = _records(tmp_path)
+  assert len(recs) == s['totals']['rois'] and recs[0]['image'].shape == (512, 512, 3)
+  assert abs(s['slides'][0]['slide_mpp'] - 0.499) < 0.01
+
+
+def test_no_roi_at_all_is_a_user_error_with_dead_letters(slides, tmp_path, capsys):
+  rc = bc.main(['--slides', str(slides / 'blank.tif'), str(slides / 'corrupt.svs'), '--out', str(tmp_path), *ROI,
+                *IN_PROCESS])
+  assert rc == 2
+  _one_error_line(capsys, 'no ROI in any slide', 'failed.jsonl')
+  assert len((tmp_path / bc.FAILED_FILE).read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize('extra, needle', [
+    (['--roi_size', '0'], '--roi_size'),
+    (['--min_tissue', '1.5'], '--min_tissue'),
+    (['--mpp', '50'], '--mpp'),
+    (['--detector', 'hovernet'], '--detector'),
+    (['--detector', 'ndc:/no/such/checkpoint'], 'checkpoint'),
+    (['--no_such_flag=1'], 'unknown flag'),
+])
+def test_bad_flags_are_one_line(slides, tmp_path, capsys, extra, needle):
+  assert bc.main(['--slides', str(slides / 'a.tif'), '--out', str(tmp_path), *extra]) == 2
+  _one_error_line(capsys, needle)
+  assert not (tmp_path / bc.DATASET).exists()
+
+
+def test_bad_paths_and_existing_corpus(built, slides, tmp_path, capsys):
+  assert bc.main(['--slides', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o')]) == 2
+  _one_error_line(capsys, 'no such file or folder', '--slides')
+  assert bc.main(['--slides', str(tmp_path / '*.svs'), '--out', str(tmp_path / 'o')]) == 2
+  _one_error_line(capsys, 'no file matches', '--slides')
+  out, _ = built
+  assert bc.main(['--slides', str(slides / 'a.tif'), '--out', str(out)]) == 2
+  _one_error_line(capsys, 'a corpus already exists', '--overwrite')
