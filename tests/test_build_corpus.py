@@ -2,18 +2,20 @@
 give the same records, bad slides become dead letters, duplicates are read once, the bundled CMU slide builds, and
 pretraining reads the corpus through `tfds:DATA_DIR`."""
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
 
-from configs import pretrain
 from muse_jax.data import build_corpus as bc
 from muse_jax.data import pipeline
-from muse_jax.pretrain import train
 from muse_jax.slide import cmu_small_region_path, synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 IN_PROCESS = ['--direct_num_workers=1', '--direct_running_mode=in_memory']
 MULTI_PROCESS = ['--direct_num_workers=2', '--direct_running_mode=multi_processing']
@@ -106,22 +108,24 @@ def test_duplicate_slide_is_read_once_and_summary_counts(built, slides):
 
 
 def test_pretraining_reads_the_corpus(built, tmp_path):
+  """`muse_jax.main` pretrains 2 steps of `tiny` (small views and heads) from `tfds:DATA_DIR`, no conversion step."""
   out, _ = built
-  c = pretrain.get_config('tiny')
-  c.data.source = f'tfds:{out}'  # the one dataset in the data dir
-  c.data.n_global, c.data.global_size, c.data.n_local, c.data.local_size = 2, 64, 1, 32
-  c.data.max_nuclei_global, c.data.max_nuclei_local = 8, 4
-  c.data.read_threads = 1
-  c.batch_size = 4
-  c.heads.cls_out_dim, c.heads.nu_out_dim, c.heads.hidden_dim, c.heads.bottleneck_dim = 32, 16, 32, 16
-  c.steps_per_epoch, c.total_steps = 2, 2
-  c.checkpoint_every_steps = 2
-  c.async_checkpointing = False
-  c.progress_bar = False
-  train.validate_config(c, check_data=True)
-  res = train.run(c, tmp_path / 'wd', devices=jax.devices()[:1])
-  assert res['step'] == 2 and np.isfinite(res['last_metrics']['loss'])
-  assert pipeline.resolve_tfds(str(out)) == (bc.DATASET, str(out))
+  assert pipeline.resolve_tfds(str(out)) == (bc.DATASET, str(out))  # the one dataset in the data dir
+  small = ['total_steps=2', 'steps_per_epoch=2', 'batch_size=4', 'data.global_size=64', 'data.local_size=32',
+           'data.n_local=1', 'data.max_nuclei_global=8', 'data.max_nuclei_local=4', 'data.read_threads=1',
+           'heads.cls_out_dim=32', 'heads.nu_out_dim=16', 'heads.hidden_dim=32', 'heads.bottleneck_dim=16',
+           'async_checkpointing=False', 'progress_bar=False']
+  # one CPU device, XLA's cheapest compile (this test is about the data, the step is tested elsewhere)
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+  proc = subprocess.run([sys.executable, '-m', 'muse_jax.main', '--config', 'configs/pretrain.py:tiny', '--workdir',
+                         str(tmp_path / 'wd'), f'--config.data.source=tfds:{out}', *[f'--config.{o}' for o in small]],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[0])
+  assert res['step'] == 2 and res['last_checkpoint_step'] == 2
+  rows = [json.loads(line) for line in (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]
+  assert rows and all(np.isfinite(r['loss']) for r in rows)
 
 
 def test_cmu_slide_builds(tmp_path):
@@ -132,6 +136,16 @@ def test_cmu_slide_builds(tmp_path):
   recs = _records(tmp_path)
   assert len(recs) == s['totals']['rois'] and recs[0]['image'].shape == (512, 512, 3)
   assert abs(s['slides'][0]['slide_mpp'] - 0.499) < 0.01
+
+
+def test_ndc_checkpoint_detector(slides, tmp_path):
+  ck = synthetic.write_random_ndc_checkpoint(tmp_path / 'ck', 'tiny', window=128, max_detections=16)
+  s = bc.build([str(slides / 'a.tif')], str(tmp_path / 'out'), roi_size=128, detector=f'ndc:{ck}',
+               beam_args=IN_PROCESS, progress=False)
+  assert s['failed'] == [] and s['options']['detector'] == f'ndc:{ck}'
+  recs = _records(tmp_path / 'out')
+  assert len(recs) == s['totals']['rois'] > 0
+  assert all(0 < len(r['coords']) <= 16 for r in recs)  # a random head: max_detections points per window
 
 
 def test_no_roi_at_all_is_a_user_error_with_dead_letters(slides, tmp_path, capsys):

@@ -45,6 +45,7 @@ progress bar (ROIs done / planned) is shown on the DirectRunner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -61,19 +62,31 @@ import time
 import uuid
 from typing import Any, Iterable, Sequence
 
-import apache_beam as beam
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
 
 from muse_jax import cli
 from muse_jax.cli import UserError
+
+
+class _NoApitoolsWarning(logging.Filter):
+  """Drops the one warning `import apache_beam` logs without the GCP extra ("apitools not found ..."): it is about
+  BigQuery, which this pipeline does not use."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'apitools not found' not in record.getMessage()
+
+
+logging.getLogger().addFilter(_NoApitoolsWarning())
+import apache_beam as beam  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATASET = 'wsi_corpus'
 FAILED_FILE = 'failed.jsonl'
 SUMMARY_FILE = 'summary.json'
 HISTOGRAM_FILE = 'summary.png'
 PROVENANCE_FILE = 'provenance.json'
+BEAM_LOG_FILE = 'beam.log'  # on the DirectRunner: what Beam's local workers logged (kept out of the terminal)
 PARTS_DIR = '.build_corpus_parts'  # side outputs of the pipeline (failures, slide facts, counts), removed at the end
 THUMB_MPP = 8.0  # µm/px of the thumbnail the tissue mask is computed on
 MPP_TOLERANCE = 0.1  # a slide may be at most 10 % coarser than the target mpp (no upsampling beyond that)
@@ -564,8 +577,30 @@ def plot_summary(summary: dict, path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _progress_thread(progress_dir: pathlib.Path, stop: threading.Event) -> threading.Thread:
-  """Shows ROIs done / planned from the workers' progress files until `stop` is set."""
+@contextlib.contextmanager
+def _beam_log_to_file(log_path: str | None):
+  """Sends file descriptor 2 (where Beam's local workers and job service log) to `log_path` while the pipeline
+  runs; yields a stream on the original stderr for the progress bar. None: leaves stderr alone."""
+  if log_path is None:
+    yield sys.stderr
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  os.dup2(log_fd, 2)
+  os.close(log_fd)
+  stream = os.fdopen(os.dup(saved), 'w', buffering=1)
+  try:
+    yield stream
+  finally:
+    sys.stderr.flush()
+    stream.close()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _progress_thread(progress_dir: pathlib.Path, stop: threading.Event, stream) -> threading.Thread:
+  """Shows ROIs done / planned on `stream` from the workers' progress files until `stop` is set."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   def total(kind):
@@ -579,7 +614,8 @@ def _progress_thread(progress_dir: pathlib.Path, stop: threading.Event) -> threa
     return n
 
   def loop():
-    bar = tqdm(total=0, unit=' ROIs', desc='build_corpus', file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(total=0, unit=' ROIs', desc='ROIs read and detected', file=stream, mininterval=1.0,
+               dynamic_ncols=True)
     while True:
       done = stop.wait(0.5)
       planned, n = total('planned'), total('done')
@@ -698,7 +734,7 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
     if not overwrite:
       raise UserError('a corpus already exists', str(data_root), 'pass --overwrite to rebuild it, or another --out')
     data_root.rmtree()
-  for name in (FAILED_FILE, SUMMARY_FILE, HISTOGRAM_FILE):
+  for name in (FAILED_FILE, SUMMARY_FILE, HISTOGRAM_FILE, BEAM_LOG_FILE):
     if (root / name).exists():
       (root / name).unlink()
   root.mkdir(parents=True, exist_ok=True)
@@ -715,12 +751,18 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
   builder = WsiCorpus(slides=paths, cfg=cfg, data_dir=out)
   t0 = time.perf_counter()
   stop = threading.Event()
-  bar = _progress_thread(pathlib.Path(progress_dir), stop) if show else None
   tfds.disable_progress_bar()  # TFDS's own bars ("Generating splits...") say nothing here; ours counts ROIs
+  log = os.fspath(root / BEAM_LOG_FILE) if _is_direct(options) and '://' not in str(root) else None
   try:
-    with tempfile.TemporaryDirectory(prefix='muse_corpus_') as tmp:  # nothing is downloaded
-      builder.download_and_prepare(download_dir=tmp, download_config=tfds.download.DownloadConfig(
-          beam_options=options))
+    with _beam_log_to_file(log) as stream, tempfile.TemporaryDirectory(prefix='muse_corpus_') as tmp:
+      bar = _progress_thread(pathlib.Path(progress_dir), stop, stream) if show else None
+      try:
+        builder.download_and_prepare(download_dir=tmp, download_config=tfds.download.DownloadConfig(
+            beam_options=options))  # nothing is downloaded: `tmp` stays empty
+      finally:
+        stop.set()
+        if bar is not None:
+          bar.join()
   except Exception as e:  # noqa: BLE001
     got = _read_parts(parts)
     if 'should be >0' in str(e) or 'generated examples is 0' in str(e):
@@ -728,10 +770,6 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
       raise UserError('no ROI in any slide', '--slides', f'{len(paths)} slide(s) listed, {len(got["failed"])} '
                       f'failure(s) written to {root / FAILED_FILE}') from None
     raise
-  finally:
-    stop.set()
-    if bar is not None:
-      bar.join()
   seconds = time.perf_counter() - t0
   got = _read_parts(parts)
   splits = {name: info.num_examples for name, info in builder.info.splits.items()}
