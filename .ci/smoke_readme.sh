@@ -59,6 +59,11 @@ echo "smoke_readme: BRCA-M2C at $BRCA; python $PY"
 step prepare "$DATA_DIR/brca_m2c/1.0.0/provenance.json" -- \
   "$PY" -m muse_jax.data.prepare --dataset brca_m2c --source "$BRCA" --out "$DATA_DIR"
 
+# a pretraining corpus from whole slides (the bundled CMU SVS stands in for a folder of slides)
+step build_corpus "$W/corpus/summary.json" "$W/corpus/wsi_corpus/1.0.0/dataset_info.json" -- \
+  "$PY" -m muse_jax.data.build_corpus --slides muse_jax/data/sample/CMU-1-Small-Region/cmu_small_region.svs \
+  --out "$W/corpus" --mpp 0.5 --roi_size 1024 --no_progress
+
 # pretraining (tfds:DATA_DIR and brca:PATH sources), then export
 PRE=(--config.num_epochs=1 --config.steps_per_epoch=3 --config.total_steps=3 --config.checkpoint_every_steps=3
      --config.log_every_steps=1 --config.progress_bar=False)

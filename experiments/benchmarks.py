@@ -52,6 +52,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     "full": {},
     "quick": {
         "bench_backbone": ["--models", "tiny,vit_s16", "--repeats", "1", "--sampler_repeats", "1"],
+        "bench_corpus": ["--sizes", "4096", "8192", "--repeats", "1"],
         "bench_data": ["--batch_size", "8", "--batches", "5", "--repeats", "1", "--workers", "0,1,2",
                        "--model", "vit_s16", "--model_batch", "1"],
         "bench_eval": ["--repeats", "1", "--tiles", "20"],
@@ -61,6 +62,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     },
     "smoke": {
         "bench_backbone": ["--models", "tiny", "--repeats", "1", "--sampler_repeats", "1"],
+        "bench_corpus": ["--roi_size", "512", "--sizes", "--repeats", "1"],
         "bench_data": ["--batch_size", "2", "--batches", "1", "--repeats", "1", "--workers", "0", "--model", "tiny",
                        "--model_batch", "1"],
         "bench_eval": ["--repeats", "1", "--tiles", "4", "--skip_vit"],
@@ -116,7 +118,7 @@ def sanitize(obj: Any) -> Any:
   return obj
 
 
-LOWER_IS_BETTER = ("s", "ms", "s/mm²", "MB")  # units (first word) where a smaller figure is better
+LOWER_IS_BETTER = ("s", "ms", "s/mm²", "MB", "h")  # units (first word) where a smaller figure is better
 
 
 def ratio_text(figure: Any, base: Any, unit: str) -> str:
@@ -167,6 +169,27 @@ def _summary_backbone(res: dict) -> list[Row]:
       rows.append(_row(f"sample_nuclei {r['method']} fwd+bwd", r["fwd_bwd_wall_ms"], "ms (wall)",
                        f"vectorised (jit) {fmt(base['fwd_bwd_wall_ms'])} ms" if base else "-",
                        base["fwd_bwd_wall_ms"] if base else None))
+  return rows
+
+
+def _summary_corpus(res: dict) -> list[Row]:
+  t = res["tables"]
+  rows = []
+  for r in t.get("cmu", []):
+    what = f"corpus build, CMU slide, {r['roi_size']} px ROIs at 0.5 µm/px, 1 worker"
+    rows.append(_row(f"{what}: read + detect loop", r["loop_rois_per_s"], "ROIs/s"))
+    rows.append(_row(f"{what}: whole Beam pipeline ({r['rois']} ROIs, start-up included)", r["build_rois_per_s"],
+                     "ROIs/s", f"read + detect loop {fmt(r['loop_rois_per_s'])} ROIs/s", r["loop_rois_per_s"]))
+    rows.append(_row(f"{what}: whole Beam pipeline", r["build_nuclei_per_s"], "nuclei/s"))
+  for r in t.get("synthetic", []):
+    rows.append(_row(f"corpus build, synthetic {r['size']}² px slide ({r['rois']} ROIs of {r['roi_size']} px), "
+                     "1 worker", r["rois_per_s"], "ROIs/s"))
+    rows.append(_row(f"corpus build, synthetic {r['size']}² px slide: peak RSS", r["peak_rss_mb"], "MB"))
+  for e in t.get("estimate", []):
+    rows.append(_row(f"TCGA_nu-sized corpus ({res['tcga_nu_rois']:,} ROIs of 1024 px) on {e['workers']} "
+                     f"workers at {fmt(e['rois_per_s_per_worker'])} ROIs/s per worker (estimate)", e["hours"], "h"))
+  for f in res.get("failed", []):
+    rows.append(_row(f"corpus build {f['what']} {f.get('size', '')}".strip(), "FAILED", "-"))
   return rows
 
 
@@ -259,8 +282,8 @@ def _summary_train(res: dict) -> list[Row]:
 
 
 SUMMARIZERS: dict[str, Callable[[dict], list[Row]]] = {
-    "bench_backbone": _summary_backbone, "bench_data": _summary_data, "bench_eval": _summary_eval,
-    "bench_predict": _summary_predict, "bench_slide": _summary_slide, "bench_train": _summary_train,
+    "bench_backbone": _summary_backbone, "bench_corpus": _summary_corpus, "bench_data": _summary_data,
+    "bench_eval": _summary_eval, "bench_predict": _summary_predict, "bench_slide": _summary_slide, "bench_train": _summary_train,
 }
 
 

@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 IN_PROCESS = ['--direct_num_workers=1', '--direct_running_mode=in_memory']
 MULTI_PROCESS = ['--direct_num_workers=2', '--direct_running_mode=multi_processing']
-ROI = ['--roi_size', '128', '--min_tissue', '0.5', '--no_progress']
+ROI = ['--roi_size', '128', '--min_tissue', '0.5', '--no_progress', '--shard_mb', '0.1']  # ~4 shards
 
 
 def _records(out) -> list[dict]:
@@ -65,6 +65,10 @@ def test_in_process_and_multi_process_give_the_same_records(built, slides, tmp_p
   assert rc == 3
   a, b = _records(out1), _records(tmp_path)
   assert len(a) == len(b) > 5
+  def shards(out):
+    return sorted(p.name for p in (out / bc.DATASET / bc.VERSION).glob('*.array_record-*'))
+
+  assert len(shards(out1)) > 2 and shards(out1) == shards(tmp_path)
   for ra, rb in zip(a, b):
     assert ra.keys() == rb.keys()
     for k in ra:
@@ -178,3 +182,19 @@ def test_bad_paths_and_existing_corpus(built, slides, tmp_path, capsys):
   out, _ = built
   assert bc.main(['--slides', str(slides / 'a.tif'), '--out', str(out)]) == 2
   _one_error_line(capsys, 'a corpus already exists', '--overwrite')
+
+
+@pytest.mark.parametrize('args', [
+    ['--runner=DataflowRunner', '--project=PROJECT', '--region=REGION', '--temp_location=gs://BUCKET/tmp',
+     '--max_num_workers=64', '--sdk_container_image=IMAGE'],
+    ['--runner=FlinkRunner', '--flink_master=HOST:8081', '--parallelism=64', '--environment_type=DOCKER',
+     '--environment_config=IMAGE'],
+    ['--runner=SparkRunner', '--spark_master_url=spark://HOST:7077', '--environment_type=DOCKER',
+     '--environment_config=IMAGE'],
+])
+def test_cluster_launch_lines_are_standard_beam_options(args):
+  """WORKSPACE.md's Dataflow / Flink / Spark lines parse as Beam options (nothing is launched, no cloud call)."""
+  opts = bc.pipeline_options(args)
+  assert not bc._is_direct(opts)  # pylint: disable=protected-access
+  got = opts.get_all_options(drop_default=True)
+  assert got['runner'] == args[0].split('=')[1] and 'direct_running_mode' not in got

@@ -56,7 +56,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -79,9 +78,12 @@ class _NoApitoolsWarning(logging.Filter):
 
 logging.getLogger().addFilter(_NoApitoolsWarning())
 import apache_beam as beam  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from apache_beam.options.pipeline_options import TypeOptions  # noqa: E402  pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 DATASET = 'wsi_corpus'
+VERSION = '1.0.0'
+SHARD_BYTES = 512 << 20  # target size of one ArrayRecord shard
 FAILED_FILE = 'failed.jsonl'
 SUMMARY_FILE = 'summary.json'
 HISTOGRAM_FILE = 'summary.png'
@@ -106,6 +108,7 @@ class CorpusConfig:
     detector: 'classical' or 'ndc:CHECKPOINT'.
     min_nuclei: ROIs with fewer detected nuclei are dropped (counted in the summary).
     rois_per_task: ROIs read by one work item (one slide open per task).
+    shard_bytes: target size of one ArrayRecord shard, bytes.
     sigma_um, min_distance_um: classical detector scales, µm.
     parts_dir: where the pipeline writes its side outputs (a folder the workers can write).
     progress_dir: where workers write their progress counts (None: no progress files).
@@ -118,6 +121,7 @@ class CorpusConfig:
   rois_per_task: int = 16
   sigma_um: float = 3.0
   min_distance_um: float = 3.0
+  shard_bytes: int = SHARD_BYTES
   parts_dir: str = ''
   progress_dir: str | None = None
 
@@ -326,14 +330,45 @@ def _stem(path: str) -> str:
   return name.split('.')[0] if not name.startswith('.') else name
 
 
+def corpus_features() -> tfds.features.FeaturesDict:
+  """The record layout (module docstring); images as ZLIB uint8 tensors (writing `Image` features needs
+  TensorFlow)."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB),
+      'coords': tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
+      'mpp': tfds.features.Tensor(shape=(), dtype=np.float32),
+      'name': tfds.features.Tensor(shape=(), dtype=np.object_),
+      'slide_sha256': tfds.features.Tensor(shape=(), dtype=np.object_),
+      'origin': tfds.features.Tensor(shape=(2,), dtype=np.int32),
+      'tissue': tfds.features.Tensor(shape=(), dtype=np.float32),
+  })
+
+
+def record_key(sha256: str, ix: int, iy: int) -> str:
+  """A ROI's key: its slide's content and grid position (the same whoever reads it, wherever)."""
+  return f'{sha256[:32]}:{iy:06d}:{ix:06d}'
+
+
+def key_hash(key: str) -> int:
+  """The 64-bit hash that orders the records (and assigns them to shards): a deterministic shuffle."""
+  return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'big')
+
+
 class ReadAndDetect(beam.DoFn):
-  """ROI task -> (key, record) per ROI; per-task counts -> `stats` (sha256, counts); failures -> `failed`."""
+  """ROI task -> one reference `(key_hash, (spill file, offset, length))` per record; per-task counts -> `stats`
+  `(sha256, counts)`; failures -> `failed`.
+
+  The serialized records of a task go to one spill file under `parts_dir/spill/` (named by the task, so a retried
+  task rewrites it) and only their small references travel through the shuffle: memory stays flat whatever the
+  corpus size, on any runner.
+  """
 
   def __init__(self, cfg: CorpusConfig):
     self.cfg = cfg
 
   def setup(self):
     self._progress = _Progress(self.cfg.progress_dir, 'done')
+    self._features = corpus_features()
     self._predictor = None
     if self.cfg.detector.startswith('ndc:'):
       from muse_jax.ndc import infer  # pylint: disable=g-import-not-at-top
@@ -363,7 +398,9 @@ class ReadAndDetect(beam.DoFn):
     except Exception as e:  # noqa: BLE001  (changed or vanished since it was planned)
       yield dead_letter(cfg.parts_dir, _failure(path, 'read', _describe_error(e)))
       return
-    with slide:
+    spill = epath.Path(cfg.parts_dir) / 'spill' / f'{sha[:32]}-{rois[0][1]:06d}-{rois[0][0]:06d}.bin'
+    refs = []
+    with slide, spill.open('wb') as f:
       for ix, iy, frac in rois:
         x, y = ix * s, iy * s
         try:
@@ -384,9 +421,12 @@ class ReadAndDetect(beam.DoFn):
         if tissue_mm2 > 0:
           d = int(round(n / tissue_mm2, -2))  # nuclei / mm² of tissue, to the nearest 100
           counts['density_hist'][d] = counts['density_hist'].get(d, 0) + 1
-        key = f'{sha[:32]}:{iy:06d}:{ix:06d}'
-        yield key, {'image': image, 'coords': coords, 'mpp': np.float32(cfg.mpp), 'name': f'{_stem(path)}_x{x}_y{y}',
-                    'slide_sha256': sha, 'origin': np.array([x, y], np.int32), 'tissue': np.float32(frac)}
+        data = self._features.serialize_example({
+            'image': image, 'coords': coords, 'mpp': np.float32(cfg.mpp), 'name': f'{_stem(path)}_x{x}_y{y}',
+            'slide_sha256': sha, 'origin': np.array([x, y], np.int32), 'tissue': np.float32(frac)})
+        refs.append((key_hash(record_key(sha, ix, iy)), (os.fspath(spill), f.tell(), len(data))))
+        f.write(data)
+    yield from refs
     self._progress.add(len(rois))
     yield beam.pvalue.TaggedOutput('stats', (sha, counts))
 
@@ -407,13 +447,65 @@ def _write_json(items: list, path: str) -> None:
   epath.Path(path).write_text(json.dumps(items, sort_keys=True, default=str))
 
 
-class CorpusTransform(beam.PTransform):
-  """The pipeline: slide paths -> PCollection of (key, record); side outputs written under `cfg.parts_dir`."""
+def num_shards(count: int, total_bytes: int, shard_bytes: int = SHARD_BYTES) -> int:
+  """Shards for `count` records of `total_bytes` in all: about `shard_bytes` each, at least one record each."""
+  return max(1, min(count, math.ceil(total_bytes / shard_bytes)))
 
-  def __init__(self, slides: Sequence[str], cfg: CorpusConfig):
+
+def shard_of(hkey: int, shards: int) -> int:
+  """The shard of a record: contiguous ranges of the key hash, so the shards in order hold the records in order."""
+  return hkey * shards >> 64
+
+
+def shard_path(data_dir: str, index: int, count: int) -> str:
+  """TFDS's file name for shard `index` of `count` of the train split."""
+  return f'{data_dir}/{DATASET}-train.array_record-{index:05d}-of-{count:05d}'
+
+
+class WriteShard(beam.DoFn):
+  """(shard id, [(key_hash, ref)]) -> the ArrayRecord shard, records in key-hash order, read back from the spill
+  files one at a time; yields (index, records, bytes)."""
+
+  def __init__(self, data_dir: str):
+    self.data_dir = data_dir
+
+  def process(self, item, non_empty):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    shard, refs = item
+    refs = sorted(refs)
+    index = non_empty.index(shard)  # empty shards are skipped: the files are numbered without gaps
+    path = epath.Path(shard_path(self.data_dir, index, len(non_empty)))
+    tmp = path.with_name(f'incomplete.{path.name}')
+    writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), 'group_size:1')
+    handles: dict = {}
+    size = 0
+    try:
+      for _, (spill, offset, length) in refs:
+        if spill not in handles:
+          if len(handles) >= 32:
+            handles.pop(next(iter(handles))).close()
+          handles[spill] = epath.Path(spill).open('rb')
+        f = handles[spill]
+        f.seek(offset)
+        data = f.read(length)
+        writer.write(data)
+        size += len(data)
+    finally:
+      writer.close()
+      for f in handles.values():
+        f.close()
+    tmp.rename(path)
+    yield index, len(refs), size
+
+
+class CorpusTransform(beam.PTransform):
+  """The pipeline: slide paths -> the ArrayRecord shards in `data_dir`; side outputs under `cfg.parts_dir`."""
+
+  def __init__(self, slides: Sequence[str], cfg: CorpusConfig, data_dir: str):
     super().__init__()
     self.slides = list(slides)
     self.cfg = cfg
+    self.data_dir = data_dir
 
   def expand(self, pbegin):
     cfg = self.cfg
@@ -428,7 +520,20 @@ class CorpusTransform(beam.PTransform):
     planned = unique.kept | 'PlanROIs' >> beam.ParDo(PlanSlide(cfg)).with_outputs('failed', 'slide', main='task')
     read = (planned.task
             | 'SpreadTasks' >> beam.Reshuffle()
-            | 'ReadAndDetect' >> beam.ParDo(ReadAndDetect(cfg)).with_outputs('failed', 'stats', main='record'))
+            | 'ReadAndDetect' >> beam.ParDo(ReadAndDetect(cfg)).with_outputs('failed', 'stats', main='ref'))
+    refs = read.ref  # (key hash, (spill file, offset, length))
+    count = refs | 'CountRecords' >> beam.combiners.Count.Globally()
+    total = refs | 'RecordBytes' >> beam.Map(lambda r: r[1][2]) | 'TotalBytes' >> beam.CombineGlobally(sum)
+    shards = count | 'NumShards' >> beam.Map(num_shards, beam.pvalue.AsSingleton(total), cfg.shard_bytes)
+    grouped = (refs
+               | 'AssignShards' >> beam.Map(lambda r, n: (shard_of(r[0], n), r), n=beam.pvalue.AsSingleton(shards))
+               | 'GroupShards' >> beam.GroupByKey())
+    non_empty = grouped | 'ShardIds' >> beam.Keys() | 'ShardIdList' >> beam.combiners.ToList()
+    (grouped
+     | 'WriteShards' >> beam.ParDo(WriteShard(self.data_dir),
+                                   non_empty=beam.pvalue.AsSingleton(non_empty | 'SortShardIds' >> beam.Map(sorted)))
+     | 'ShardsToList' >> beam.combiners.ToList()
+     | 'WriteShardInfo' >> beam.Map(_write_json, path=f'{parts}/shards.json'))
     # Side outputs for the report: failures are written where they happen (`dead_letter`, the `failed` outputs are
     # not consumed further); the rest is small and gathered on one worker each.
     (unique.duplicate
@@ -441,59 +546,7 @@ class CorpusTransform(beam.PTransform):
      | 'CountsPerSlide' >> beam.CombinePerKey(merge_counts)
      | 'CountsToList' >> beam.combiners.ToList()
      | 'WriteCounts' >> beam.Map(_write_json, path=f'{parts}/counts.json'))
-    return read.record
-
-
-# ------------------------------------------------------------------------------------------------ TFDS builder
-
-
-def _image_feature():
-  return tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB)
-
-
-class WsiCorpus(tfds.core.GeneratorBasedBuilder):
-  """Nucleus-annotated ROIs cut from whole slides by a Beam pipeline (`CorpusTransform`)."""
-
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'ROIs as ZLIB uint8 tensors; coords (x, y); mpp, origin and tissue per record.'}
-  code_path = None  # no checksums/metadata files next to the code
-
-  def __init__(self, *, slides: Sequence[str] = (), cfg: CorpusConfig | None = None, **kwargs):
-    self._slides = list(slides)
-    self._cfg = cfg
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-
-  def _log_download_bytes(self) -> None:  # nothing is downloaded
-    pass
-
-  def _log_download_done(self) -> None:
-    pass
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=('Pretraining ROIs cut from whole slides over their tissue, with nucleus centroids (x, y) from '
-                     'an offline detector (python -m muse_jax.data.build_corpus).'),
-        features=tfds.features.FeaturesDict({
-            'image': _image_feature(),
-            'coords': tfds.features.Tensor(shape=(None, 2), dtype=np.float32),
-            'mpp': tfds.features.Tensor(shape=(), dtype=np.float32),
-            'name': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'slide_sha256': tfds.features.Tensor(shape=(), dtype=np.object_),
-            'origin': tfds.features.Tensor(shape=(2,), dtype=np.int32),
-            'tissue': tfds.features.Tensor(shape=(), dtype=np.float32),
-        }),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    if self._cfg is None:
-      raise ValueError('WsiCorpus: build it with python -m muse_jax.data.build_corpus.')
-    return {'train': CorpusTransform(self._slides, self._cfg)}
-
-  def _generate_examples(self):  # the split is a Beam PTransform (see _split_generators)
-    raise NotImplementedError
+    return pbegin.pipeline
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -531,7 +584,7 @@ def make_summary(parts: dict, cfg: CorpusConfig, listed: int, seconds: float, sp
   tissue_mm2 = total['tissue_px'] * px_mm2
   failed_slides = sorted({f['slide'] for f in parts['failed'] if f['stage'] != 'roi'})
   return dict(
-      dataset=DATASET, version=str(WsiCorpus.VERSION), options=cfg.options(), splits=splits,
+      dataset=DATASET, version=VERSION, options=cfg.options(), splits=splits,
       totals=dict(slides_listed=listed, slides_duplicate=len(parts['duplicates']),
                   slides_used=sum(1 for s in per_slide if s['rois']), slides_failed=len(failed_slides),
                   rois_failed=sum(1 for f in parts['failed'] if f['stage'] == 'roi'),
@@ -663,7 +716,8 @@ def pipeline_options(beam_args: Sequence[str]):
 
 
 def validate(slides: Sequence[str], out: str, *, mpp: float, roi_size: int, min_tissue: float, detector: str,
-             min_nuclei: int, rois_per_task: int, sigma_um: float, min_distance_um: float) -> tuple[list[str], dict]:
+             min_nuclei: int, rois_per_task: int, sigma_um: float, min_distance_um: float,
+             shard_mb: float = SHARD_BYTES / 2**20) -> tuple[list[str], dict]:
   """Checks every argument before any slide is read. Returns (slide paths, CorpusConfig keyword arguments).
 
   Raises:
@@ -676,6 +730,7 @@ def validate(slides: Sequence[str], out: str, *, mpp: float, roi_size: int, min_
   min_tissue = cli.in_range(min_tissue, '--min_tissue', 0.0, 1.0)
   min_nuclei = cli.positive_int(min_nuclei, '--min_nuclei', allow_zero=True)
   rois_per_task = cli.positive_int(rois_per_task, '--rois_per_task')
+  shard_bytes = int(cli.positive(shard_mb, '--shard_mb', upper=16384, unit='MiB') * 2**20)
   sigma_um = cli.positive(sigma_um, '--sigma_um', upper=50.0, unit='µm')
   min_distance_um = cli.positive(min_distance_um, '--min_distance_um', allow_zero=True, upper=50.0, unit='µm')
   if detector != 'classical':
@@ -690,12 +745,13 @@ def validate(slides: Sequence[str], out: str, *, mpp: float, roi_size: int, min_
     raise UserError('not a folder', '--out', f'{o} is a file')
   paths = list_slides(slides)
   return paths, dict(mpp=mpp, roi_size=roi_size, min_tissue=min_tissue, detector=detector, min_nuclei=min_nuclei,
-                     rois_per_task=rois_per_task, sigma_um=sigma_um, min_distance_um=min_distance_um)
+                     rois_per_task=rois_per_task, sigma_um=sigma_um, min_distance_um=min_distance_um,
+                     shard_bytes=max(shard_bytes, 1))
 
 
 def _read_parts(parts: epath.Path) -> dict:
   out = {}
-  for name in ('duplicates', 'slides', 'counts'):
+  for name in ('duplicates', 'slides', 'counts', 'shards'):
     p = parts / f'{name}.json'
     out[name] = json.loads(p.read_text()) if p.exists() else []
   failed = parts / 'failed'
@@ -705,14 +761,15 @@ def _read_parts(parts: epath.Path) -> dict:
 
 def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 1024, min_tissue: float = 0.5,
           detector: str = 'classical', min_nuclei: int = 1, rois_per_task: int = 16, sigma_um: float = 3.0,
-          min_distance_um: float = 3.0, overwrite: bool = False, beam_args: Sequence[str] = (),
-          progress: bool | None = None) -> dict:
+          min_distance_um: float = 3.0, shard_mb: float = SHARD_BYTES / 2**20, overwrite: bool = False,
+          beam_args: Sequence[str] = (), progress: bool | None = None) -> dict:
   """Builds the corpus into the TFDS data dir `out` (see the module docstring).
 
   Args:
     slides: files, folders or globs (`list_slides`).
     out: TFDS data dir; the records go to `out/wsi_corpus/1.0.0/`, the report to `out/`.
     mpp, roi_size, min_tissue, detector, min_nuclei, rois_per_task, sigma_um, min_distance_um: `CorpusConfig`.
+    shard_mb: target size of one ArrayRecord shard, MiB.
     overwrite: rebuild when `out` already holds a corpus (else a UserError).
     beam_args: Beam pipeline options (`--runner=...`, `--direct_num_workers=...`, ...).
     progress: show a progress bar (None: on the DirectRunner).
@@ -726,7 +783,7 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
   import muse_jax  # pylint: disable=g-import-not-at-top
   paths, kw = validate(slides, out, mpp=mpp, roi_size=roi_size, min_tissue=min_tissue, detector=detector,
                        min_nuclei=min_nuclei, rois_per_task=rois_per_task, sigma_um=sigma_um,
-                       min_distance_um=min_distance_um)
+                       min_distance_um=min_distance_um, shard_mb=shard_mb)
   options = pipeline_options(beam_args)
   root = epath.Path(out)
   data_root = root / DATASET
@@ -743,36 +800,46 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
     parts.rmtree()
   parts.mkdir()
   (parts / 'failed').mkdir()
+  (parts / 'spill').mkdir()
+  final_dir = data_root / VERSION
+  work_dir = data_root / f'incomplete.{VERSION}'  # renamed to VERSION once the metadata is written
+  work_dir.mkdir(parents=True)
   show = _is_direct(options) and '://' not in str(root) if progress is None else progress
   progress_dir = parts / 'progress'
   if show:
     progress_dir.mkdir()
   cfg = CorpusConfig(**kw, parts_dir=os.fspath(parts), progress_dir=os.fspath(progress_dir) if show else None)
-  builder = WsiCorpus(slides=paths, cfg=cfg, data_dir=out)
   t0 = time.perf_counter()
   stop = threading.Event()
-  tfds.disable_progress_bar()  # TFDS's own bars ("Generating splits...") say nothing here; ours counts ROIs
   log = os.fspath(root / BEAM_LOG_FILE) if _is_direct(options) and '://' not in str(root) else None
-  try:
-    with _beam_log_to_file(log) as stream, tempfile.TemporaryDirectory(prefix='muse_corpus_') as tmp:
-      bar = _progress_thread(pathlib.Path(progress_dir), stop, stream) if show else None
-      try:
-        builder.download_and_prepare(download_dir=tmp, download_config=tfds.download.DownloadConfig(
-            beam_options=options))  # nothing is downloaded: `tmp` stays empty
-      finally:
-        stop.set()
-        if bar is not None:
-          bar.join()
-  except Exception as e:  # noqa: BLE001
-    got = _read_parts(parts)
-    if 'should be >0' in str(e) or 'generated examples is 0' in str(e):
-      _write_failed(root, got['failed'])
-      raise UserError('no ROI in any slide', '--slides', f'{len(paths)} slide(s) listed, {len(got["failed"])} '
-                      f'failure(s) written to {root / FAILED_FILE}') from None
-    raise
+  options.view_as(TypeOptions).pipeline_type_check = False  # tagged outputs of several types
+  with _beam_log_to_file(log) as stream:
+    bar = _progress_thread(pathlib.Path(progress_dir), stop, stream) if show else None
+    try:
+      with beam.Pipeline(options=options) as p:
+        _ = p | 'BuildCorpus' >> CorpusTransform(paths, cfg, os.fspath(work_dir))
+    finally:
+      stop.set()
+      if bar is not None:
+        bar.join()
   seconds = time.perf_counter() - t0
   got = _read_parts(parts)
-  splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+  if not got['shards']:
+    _write_failed(root, got['failed'])
+    data_root.rmtree()
+    parts.rmtree()
+    raise UserError('no ROI in any slide', '--slides', f'{len(paths)} slide(s) listed, {len(got["failed"])} '
+                    f'failure(s) written to {root / FAILED_FILE}')
+  # TFDS metadata (dataset_info.json, features.json) for the shards: readable by tfds.data_source / tfds:DATA_DIR
+  shards = sorted(got['shards'])  # (index, records, bytes)
+  split = tfds.core.SplitInfo(name='train', shard_lengths=[n for _, n, _ in shards],
+                              num_bytes=sum(b for _, _, b in shards))
+  tfds.folder_dataset.write_metadata(
+      data_dir=work_dir, features=corpus_features(), split_infos=[split], version=VERSION, check_data=False,
+      description=('Pretraining ROIs cut from whole slides over their tissue, with nucleus centroids (x, y) from an '
+                   'offline detector (python -m muse_jax.data.build_corpus).'))
+  work_dir.rename(final_dir)
+  splits = {'train': sum(n for _, n, _ in got['shards'])}
   summary = make_summary(got, cfg, len(paths), seconds, splits)
   _write_failed(root, summary['failed'])
   (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + '\n')
@@ -780,7 +847,7 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
     plot_summary(summary, os.fspath(root / HISTOGRAM_FILE))
   prov = dict(dataset=DATASET, slides=paths, options=cfg.options(), muse_jax_version=muse_jax.__version__,
               created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
-  (epath.Path(builder.data_dir) / PROVENANCE_FILE).write_text(json.dumps(prov, indent=1) + '\n')
+  (final_dir / PROVENANCE_FILE).write_text(json.dumps(prov, indent=1) + '\n')
   parts.rmtree()
   return summary
 
@@ -804,12 +871,14 @@ def _main(argv: list[str] | None) -> int:
   p.add_argument('--rois_per_task', type=int, default=16, help='ROIs per Beam work item (default 16)')
   p.add_argument('--sigma_um', type=float, default=3.0, help='classical detector scale, µm')
   p.add_argument('--min_distance_um', type=float, default=3.0, help='classical detector minimum peak distance, µm')
+  p.add_argument('--shard_mb', type=float, default=SHARD_BYTES / 2**20,
+                 help=f'target size of one ArrayRecord shard, MiB (default {SHARD_BYTES >> 20})')
   p.add_argument('--overwrite', action='store_true', help='rebuild a corpus that exists in --out')
   p.add_argument('--no_progress', action='store_true', help='no progress bar on the DirectRunner')
   a, beam_args = p.parse_known_args(argv)
   summary = build(a.slides, a.out, mpp=a.mpp, roi_size=a.roi_size, min_tissue=a.min_tissue, detector=a.detector,
                   min_nuclei=a.min_nuclei, rois_per_task=a.rois_per_task, sigma_um=a.sigma_um,
-                  min_distance_um=a.min_distance_um, overwrite=a.overwrite, beam_args=beam_args,
+                  min_distance_um=a.min_distance_um, shard_mb=a.shard_mb, overwrite=a.overwrite, beam_args=beam_args,
                   progress=False if a.no_progress else None)
   t = summary['totals']
   for f in summary['failed']:

@@ -23,8 +23,9 @@ Sources (`cfg.source`):
   positions, at 0.5 µm/px;
 * `'brca:PATH'`: the same from a full BRCA-M2C folder (train + val);
 * `'tfds:DATA_DIR'` or `'tfds:NAME@DATA_DIR'`: records prepared by `python -m muse_jax.data.prepare` (`regions` or
-  `brca_m2c`; without NAME, DATA_DIR must hold exactly one prepared dataset; `split` from `cfg.split`), read with
-  `tfds.data_source`;
+  `brca_m2c`) or built from whole slides by `python -m muse_jax.data.build_corpus` (`wsi_corpus`; its extra fields
+  `slide_sha256`, `origin`, `tissue` are not read); without NAME, DATA_DIR must hold exactly one prepared dataset;
+  `split` from `cfg.split`; read with `tfds.data_source`;
 * `'folder:PATH'`: image files (mpp `cfg.region_mpp`, required) with nucleus points from sidecar CSV/GeoJSON files
   or, without them, from the classical detector (`muse_jax.data.detect`; run per read, so prepare records for speed);
 * a **union** of the above, joined with `|`, e.g. `'brca:/data/BRCA-M2C|folder:/data/slide_regions'`: the records of
@@ -218,7 +219,8 @@ def resolve_tfds(arg: str) -> tuple[str, str]:
   if local and not pathlib.Path(data_dir).is_dir():
     raise cli.UserError('tfds data dir not found', _WHERE, f'{data_dir!r} is not a folder')
   have = prepared_datasets(data_dir)
-  hint = 'prepare one with `python -m muse_jax.data.prepare --dataset regions|brca_m2c --source ... --out DATA_DIR`'
+  hint = ('prepare one with `python -m muse_jax.data.prepare --dataset regions|brca_m2c --source ... --out DATA_DIR` '
+          'or build one from whole slides with `python -m muse_jax.data.build_corpus --slides ... --out DATA_DIR`')
   if not name:
     if len(have) == 1:
       return have[0], data_dir
