@@ -213,7 +213,8 @@ def main() -> None:
     pathlib.Path(args.json).write_text(json.dumps(dict(
         benchmark="bench_corpus", params=params, tcga_nu_rois=TCGA_NU_ROIS, fit=fit,
         tables=dict(cmu=[cmu] if cmu else [], synthetic=synth, estimate=estimates), failed=failed), indent=1))
-  print(f"\ncommand: {' '.join([os.path.relpath(sys.executable, ROOT)] + sys.argv)}  (cwd {ROOT.name}/)")
+  argv = [os.path.relpath(sys.executable, ROOT), os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]
+  print(f"\ncommand: {' '.join(argv)}  (cwd {ROOT.name}/)")
 
 
 if __name__ == "__main__":

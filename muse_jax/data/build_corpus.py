@@ -16,20 +16,26 @@ standard Beam pipeline options (every flag this command does not know is one: `-
    `roi_size` px ROIs at `mpp` µm/px (non-overlapping, whole ROIs inside the slide) and keep the ROIs whose tissue
    fraction is at least `min_tissue`; the kept ROIs are cut into tasks of `rois_per_task` ROIs;
 4. per task (spread over the workers, so one large slide is read by many of them): read each ROI at `mpp`, detect
-   the nucleus centroids (the classical detector, `muse_jax.data.detect`, or a trained NDC checkpoint), and emit
-   the record;
-5. TFDS's Beam writer shuffles the records by a hash of their key and writes the sharded ArrayRecord files with the
-   TFDS metadata (`DATA_DIR/wsi_corpus/1.0.0/`), readable by `tfds.data_source` and by the pretraining source
-   `tfds:DATA_DIR` with no conversion step.
+   the nucleus centroids (the classical detector, `muse_jax.data.detect`, or a trained NDC checkpoint), serialize
+   the record (TFDS's example format) into the task's spill file and emit a small reference to it;
+5. assign the references to shards by the hash of their key (`shard_mb` MiB per shard), group them, and write each
+   shard's ArrayRecord file in key-hash order, reading the records back one at a time; then TFDS's metadata
+   (`tfds.folder_dataset.write_metadata`) makes `DATA_DIR/wsi_corpus/1.0.0/` readable by `tfds.data_source` and
+   by the pretraining source `tfds:DATA_DIR` with no conversion step.
+
+Only references travel through the shuffle (TFDS's own Beam writer groups the encoded images themselves, which on
+the DirectRunner holds the whole corpus in memory): memory stays flat as the corpus grows, on any runner. The spill
+files live in `DATA_DIR/.build_corpus_parts/` (a folder every worker can write: on a cluster, shared storage) and
+are removed at the end; the disk needs room for the corpus twice while it is written.
 
 Records (split `train`): `image` uint8 [roi_size, roi_size, 3]; `coords` float32 [N, 2] (x, y) nucleus centroids in
 pixels of `image`; `mpp` float32 (µm/px of `image`); `name` `<slide stem>_x<X>_y<Y>`; `slide_sha256`; `origin` int32
 [2] = (X, Y), the ROI's top-left corner in pixels of the slide resampled to `mpp`; `tissue` float32, the ROI's tissue
 fraction.
 
-Determinism: a record's key is derived from its content (the slide's SHA-256 and the ROI's grid position), and TFDS
-orders the records by a hash of the key, so the records (content and order) do not depend on the runner, the
-number of workers or the order in which the slides were listed.
+Determinism: a record's key is derived from its content (the slide's SHA-256 and the ROI's grid position) and the
+records are ordered (and sharded) by a hash of the key, so the records (content and order, and the shard files) do
+not depend on the runner, the number of workers or the order in which the slides were listed.
 
 Dead letters: a slide that cannot be read, has no resolution in its metadata, has no tissue, has no ROI with enough
 tissue, or is coarser than `mpp` (beyond 10 %) does not stop the corpus: it is written to `DATA_DIR/failed.jsonl`
@@ -89,7 +95,7 @@ SUMMARY_FILE = 'summary.json'
 HISTOGRAM_FILE = 'summary.png'
 PROVENANCE_FILE = 'provenance.json'
 BEAM_LOG_FILE = 'beam.log'  # on the DirectRunner: what Beam's local workers logged (kept out of the terminal)
-PARTS_DIR = '.build_corpus_parts'  # side outputs of the pipeline (failures, slide facts, counts), removed at the end
+PARTS_DIR = '.build_corpus_parts'  # spill files and side outputs of the pipeline, removed at the end
 THUMB_MPP = 8.0  # µm/px of the thumbnail the tissue mask is computed on
 MPP_TOLERANCE = 0.1  # a slide may be at most 10 % coarser than the target mpp (no upsampling beyond that)
 SLIDE_SUFFIXES = ('.svs', '.tif', '.tiff', '.ndpi', '.scn', '.bif', '.svslide', '.qptiff')
@@ -787,9 +793,10 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
   options = pipeline_options(beam_args)
   root = epath.Path(out)
   data_root = root / DATASET
-  if data_root.exists():
-    if not overwrite:
-      raise UserError('a corpus already exists', str(data_root), 'pass --overwrite to rebuild it, or another --out')
+  final_dir = data_root / VERSION
+  if final_dir.exists() and not overwrite:
+    raise UserError('a corpus already exists', str(data_root), 'pass --overwrite to rebuild it, or another --out')
+  if data_root.exists():  # an older corpus (--overwrite) or what a stopped build left
     data_root.rmtree()
   for name in (FAILED_FILE, SUMMARY_FILE, HISTOGRAM_FILE, BEAM_LOG_FILE):
     if (root / name).exists():
@@ -801,7 +808,6 @@ def build(slides: Sequence[str], out: str, *, mpp: float = 0.5, roi_size: int = 
   parts.mkdir()
   (parts / 'failed').mkdir()
   (parts / 'spill').mkdir()
-  final_dir = data_root / VERSION
   work_dir = data_root / f'incomplete.{VERSION}'  # renamed to VERSION once the metadata is written
   work_dir.mkdir(parents=True)
   show = _is_direct(options) and '://' not in str(root) if progress is None else progress
