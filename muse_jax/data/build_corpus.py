@@ -302,8 +302,7 @@ class PlanSlide(beam.DoFn):
         thumb = s.thumbnail(THUMB_MPP)
         mask = tissue.tissue_mask(thumb, THUMB_MPP)
         width, height = s.size_at_mpp(cfg.mpp)
-    except reader.MissingMppError as e:
-      del e  # its advice (pass --mpp) is for the slide commands, where --mpp is the slide's own resolution
+    except reader.MissingMppError:  # (its own advice, pass --mpp, is for the commands where --mpp is the slide's)
       yield dead_letter(cfg.parts_dir, _failure(
           path, 'mpp', 'no resolution in the metadata (no Aperio MPP, no usable TIFF resolution tags): write the '
           'level-0 µm/px into the file, or leave the slide out'))
@@ -625,7 +624,7 @@ def plot_summary(summary: dict, path: str | os.PathLike) -> None:
     ax.set_xlabel(label)
     ax.set_ylabel('ROIs')
   o = summary['options']
-  fig.suptitle(f"{t['rois']} ROIs ({o['roi_size']} px at {o['mpp']:g} µm/px) from {t['slides_used']} slides, "
+  fig.suptitle(f"{t['rois']} ROIs ({o['roi_size']} px at {o['mpp']:g} µm/px) from {t['slides_used']} slide(s), "
                f"{t['nuclei']} nuclei; median {t['nuclei_per_roi']['median']} per ROI, "
                f"{t['nuclei_per_mm2_tissue']} per mm² of tissue", fontsize=9)
   fig.tight_layout()
