@@ -198,3 +198,21 @@ def test_cluster_launch_lines_are_standard_beam_options(args):
   assert not bc._is_direct(opts)  # pylint: disable=protected-access
   got = opts.get_all_options(drop_default=True)
   assert got['runner'] == args[0].split('=')[1] and 'direct_running_mode' not in got
+
+
+def test_bench_corpus_summary_rows():
+  """`experiments/benchmarks.py` summarises bench_corpus's JSON: per-worker rates, peak RSS, the TCGA_nu estimate."""
+  from experiments import benchmarks as bm  # pylint: disable=g-import-not-at-top
+  res = {'benchmark': 'bench_corpus', 'tcga_nu_rois': 483627, 'failed': [{'what': 'synthetic', 'size': 8192}],
+         'tables': {'cmu': [{'roi_size': 1024, 'rois': 4, 'loop_rois_per_s': 5.0, 'build_rois_per_s': 1.5,
+                             'build_nuclei_per_s': 600.0}],
+                    'synthetic': [{'size': 4096, 'rois': 4, 'roi_size': 1024, 'rois_per_s': 1.3,
+                                   'peak_rss_mb': 320.0}],
+                    'estimate': [{'workers': 64, 'rois_per_s_per_worker': 2.0, 'hours': 1.05}]}}
+  rows = bm.summary_rows({'name': 'bench_corpus', 'status': 'ok', 'result': res})
+  text = [(r['what'], r['figure'], r['unit']) for r in rows]
+  assert ('corpus build, CMU slide, 1024 px ROIs at 0.5 µm/px, 1 worker: read + detect loop', '5.00', 'ROIs/s') in text
+  assert rows[1]['ratio'] == '0.3x (3.33x slower)'
+  assert any(u == 'MB' and f == '320' for _, f, u in text)
+  assert any('on 64 workers' in w and f == '1.05' and u == 'h' for w, f, u in text)
+  assert text[-1] == ('corpus build synthetic 8192', 'FAILED', '-')
