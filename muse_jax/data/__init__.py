@@ -4,6 +4,8 @@ Entry points:
 * `bundled_sample_dir()`: a small BRCA-M2C subset shipped inside the package (BRCA-M2C layout, with its LICENSE);
 * `load_labelled(dataset, data_dir, split)`: labelled `readers.Sample`s from prepared records or a raw folder;
 * `pipeline.make_pretrain_dataset(...)`: the Grain pretraining pipeline (MPP-based multi-view cropping);
+* `build_corpus.build(...)` / `python -m muse_jax.data.build_corpus`: a pretraining corpus cut from whole slides
+  (Apache Beam; nucleus-annotated ROIs as ArrayRecord, read back with the `tfds:DATA_DIR` source);
 * `eval_tiles.make_eval_tiles(...)`: fixed evaluation tiles (spec §5.1).
 """
 
