@@ -132,14 +132,20 @@ def test_pretraining_reads_the_corpus(built, tmp_path):
   assert rows and all(np.isfinite(r['loss']) for r in rows)
 
 
-def test_cmu_slide_builds(tmp_path):
-  s = bc.build([str(cmu_small_region_path())], str(tmp_path), roi_size=512, min_tissue=0.5, beam_args=IN_PROCESS,
-               progress=False)
+def test_cmu_slide_builds_with_progress(tmp_path, capfd):
+  """The CLI on the bundled Aperio slide, with its progress bar (on the terminal's stderr; Beam's logs in beam.log)."""
+  rc = bc.main(['--slides', str(cmu_small_region_path()), '--out', str(tmp_path), '--roi_size', '512',
+                *IN_PROCESS])
+  assert rc == 0
+  err = capfd.readouterr().err
+  assert 'ROIs read and detected' in err and 'error' not in err.lower()
+  s = json.loads((tmp_path / bc.SUMMARY_FILE).read_text())
   assert s['failed'] == [] and s['totals']['slides_used'] == 1
   assert s['totals']['rois'] >= 4 and s['totals']['nuclei_per_roi']['median'] > 20
   recs = _records(tmp_path)
   assert len(recs) == s['totals']['rois'] and recs[0]['image'].shape == (512, 512, 3)
   assert abs(s['slides'][0]['slide_mpp'] - 0.499) < 0.01
+  assert (tmp_path / bc.BEAM_LOG_FILE).exists()
 
 
 def test_ndc_checkpoint_detector(slides, tmp_path):
