@@ -13,8 +13,12 @@ $(STAMP): requirements.txt requirements-test.txt requirements-torch.txt
 
 venv: $(STAMP)
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist, --dist loadfile: a file's tests run in one
+# process, in order). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 demo: $(STAMP)
 	$(PY) -m muse_jax.demo
