@@ -14,6 +14,7 @@ import pytest
 from muse_jax.data import build_corpus as bc
 from muse_jax.data import pipeline
 from muse_jax.slide import cmu_small_region_path, synthetic
+from errlines import one_error_line
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,14 +27,6 @@ def _records(out) -> list[dict]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   src = tfds.data_source(bc.DATASET, data_dir=str(out), split='train')
   return [src[i] for i in range(len(src))]
-
-
-def _one_error_line(capsys, *needles):
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('error: '), err
-  for n in needles:
-    assert n in err[0], (n, err[0])
-  return err[0]
 
 
 @pytest.fixture(scope='module')
@@ -162,7 +155,7 @@ def test_no_roi_at_all_is_a_user_error_with_dead_letters(slides, tmp_path, capsy
   rc = bc.main(['--slides', str(slides / 'blank.tif'), str(slides / 'corrupt.svs'), '--out', str(tmp_path), *ROI,
                 *IN_PROCESS])
   assert rc == 2
-  _one_error_line(capsys, 'no ROI in any slide', 'failed.jsonl')
+  one_error_line(capsys, 'no ROI in any slide', 'failed.jsonl')
   assert len((tmp_path / bc.FAILED_FILE).read_text().splitlines()) == 2
 
 
@@ -176,18 +169,18 @@ def test_no_roi_at_all_is_a_user_error_with_dead_letters(slides, tmp_path, capsy
 ])
 def test_bad_flags_are_one_line(slides, tmp_path, capsys, extra, needle):
   assert bc.main(['--slides', str(slides / 'a.tif'), '--out', str(tmp_path), *extra]) == 2
-  _one_error_line(capsys, needle)
+  one_error_line(capsys, needle)
   assert not (tmp_path / bc.DATASET).exists()
 
 
 def test_bad_paths_and_existing_corpus(built, slides, tmp_path, capsys):
   assert bc.main(['--slides', str(tmp_path / 'missing'), '--out', str(tmp_path / 'o')]) == 2
-  _one_error_line(capsys, 'no such file or folder', '--slides')
+  one_error_line(capsys, 'no such file or folder', '--slides')
   assert bc.main(['--slides', str(tmp_path / '*.svs'), '--out', str(tmp_path / 'o')]) == 2
-  _one_error_line(capsys, 'no file matches', '--slides')
+  one_error_line(capsys, 'no file matches', '--slides')
   out, _ = built
   assert bc.main(['--slides', str(slides / 'a.tif'), '--out', str(out)]) == 2
-  _one_error_line(capsys, 'a corpus already exists', '--overwrite')
+  one_error_line(capsys, 'a corpus already exists', '--overwrite')
 
 
 @pytest.mark.parametrize('args', [

@@ -14,15 +14,7 @@ import pytest
 
 from muse_jax import cli, demo, evaluate, score
 from muse_jax.data import bundled_sample_dir, load_labelled, prepare
-
-
-def _one_error_line(capsys, *needles):
-  """The captured stderr is exactly one `error: ...` line containing every needle; returns it."""
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  for n in needles:
-    assert n in err[0], (n, err[0])
-  return err[0]
+from errlines import one_error_line
 
 
 def _mini_brca(dst, n=1):
@@ -58,11 +50,11 @@ def test_prepare_reuses_same_inputs_and_refuses_another_source(tmp_path, capsys)
   # another source into the same --out: exit 2, one line naming both sources; the records are left as they were
   mini = _mini_brca(tmp_path / "mini")
   assert prepare.main(args + ["--source", str(mini)]) == 2
-  _one_error_line(capsys, "other source files", str(bundled_sample_dir()), str(mini), "--overwrite")
+  one_error_line(capsys, "other source files", str(bundled_sample_dir()), str(mini), "--overwrite")
   assert len(load_labelled("brca_m2c", out, "train")) == 6
   # other options: refused too
   assert prepare.main(args + ["--source", "bundled", "--mpp", "0.25"]) == 2
-  _one_error_line(capsys, "other options", "mpp=0.5", "mpp=0.25")
+  one_error_line(capsys, "other options", "mpp=0.5", "mpp=0.25")
   # --overwrite rebuilds from the new source
   assert prepare.main(args + ["--source", str(mini), "--overwrite"]) == 0
   assert "rebuilt from" in capsys.readouterr().out
@@ -77,11 +69,11 @@ def test_prepare_reuses_same_inputs_and_refuses_another_source(tmp_path, capsys)
   lbl = sorted((copy / "labels").iterdir())[0]
   lbl.write_text(lbl.read_text() + "10 10 1\n")
   assert prepare.main(args + ["--source", str(copy)]) == 2
-  _one_error_line(capsys, "other source files")
+  one_error_line(capsys, "other source files")
   # records written without provenance (older muse_jax): refused until --overwrite
   (out / "brca_m2c" / "1.0.0" / prepare.PROVENANCE_FILE).unlink()
   assert prepare.main(args + ["--source", str(mini)]) == 2
-  _one_error_line(capsys, "without a provenance file")
+  one_error_line(capsys, "without a provenance file")
 
 
 def test_prepare_fingerprint_is_cheap_and_tracks_content(tmp_path):
@@ -115,20 +107,20 @@ def test_prepare_bad_values_stop_before_any_work(tmp_path, capsys, extra, needle
   Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(src / "a.png")
   out = tmp_path / "out"
   assert prepare.main(["--source", str(src), "--out", str(out)] + extra) == 2
-  _one_error_line(capsys, needle)
+  one_error_line(capsys, needle)
   assert not out.exists()
 
 
 def test_prepare_bad_paths(tmp_path, capsys):
   assert prepare.main(["--dataset", "brca_m2c", "--source", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
-  _one_error_line(capsys, "no such folder (--source)")
+  one_error_line(capsys, "no such folder (--source)")
   (tmp_path / "f").write_text("")
   assert prepare.main(["--dataset", "brca_m2c", "--source", "bundled", "--out", str(tmp_path / "f")]) == 2
-  _one_error_line(capsys, "(--out)")
+  one_error_line(capsys, "(--out)")
   (tmp_path / "empty").mkdir()
   assert prepare.main(["--dataset", "regions", "--source", str(tmp_path / "empty"), "--mpp", "0.5",
                        "--out", str(tmp_path / "o")]) == 2
-  _one_error_line(capsys, "no images (--source)")
+  one_error_line(capsys, "no images (--source)")
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -154,20 +146,20 @@ def test_evaluate_bad_values_stop_before_any_work(tmp_path, capsys, extra, needl
   out = tmp_path / "out"
   argv = ["--backbone", "raw:16", "--no_progress", "--out", str(out)]
   assert evaluate.main(argv + extra) == 2
-  _one_error_line(capsys, needle)
+  one_error_line(capsys, needle)
   assert not out.exists()
 
 
 def test_evaluate_data_dir_must_hold_the_dataset(tmp_path, capsys):
   assert evaluate.main(["--backbone", "raw:16", "--data_dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-  _one_error_line(capsys, "neither a brca_m2c folder nor prepared records")
+  one_error_line(capsys, "neither a brca_m2c folder nor prepared records")
 
 
 def test_demo_bad_values(capsys):
   for extra, needle in ((["--steps", "0"], "(--steps)"), (["--budget_s", "-1"], "(--budget_s)"),
                         (["--seed", "x"], "invalid int value")):
     assert demo.main(extra) == 2
-    _one_error_line(capsys, needle)
+    one_error_line(capsys, needle)
 
 
 # ------------------------------------------------------------------------------------------------ 7. score rows
@@ -204,7 +196,7 @@ def test_score_bad_prediction_rows_name_file_line_and_column(tmp_path, capsys, r
   with _no_numpy_warning():
     assert score.main(["--predictions", str(pred), "--labels", str(lab), "--mpp", "0.5",
                        "--modes", "mcspatnet,muse,ocelot,puma,hungarian"]) == 2
-  _one_error_line(capsys, needle.replace("PRED", str(f)))
+  one_error_line(capsys, needle.replace("PRED", str(f)))
 
 
 class _no_numpy_warning:  # pylint: disable=invalid-name
@@ -240,7 +232,7 @@ def test_score_bad_label_rows_name_file_line_and_column(tmp_path, capsys, name, 
   f = lab / name
   f.write_text(text)
   assert score.main(["--predictions", str(pred), "--labels", str(lab), "--mpp", "0.5"]) == 2
-  _one_error_line(capsys, needle.replace("LAB", str(f)))
+  one_error_line(capsys, needle.replace("LAB", str(f)))
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -266,22 +258,22 @@ def test_score_bad_flags(tmp_path, capsys, extra, needle):
   lab, pred = _score_dirs(tmp_path)
   argv = ["--predictions", str(pred), "--labels", str(lab), "--mpp", "0.5"]
   assert score.main(argv + extra) == 2
-  _one_error_line(capsys, needle)
+  one_error_line(capsys, needle)
 
 
 def test_score_bad_folders_and_threshold_file(tmp_path, capsys):
   lab, pred = _score_dirs(tmp_path)
   assert score.main(["--predictions", str(tmp_path / "nope"), "--labels", str(lab), "--mpp", "0.5"]) == 2
-  _one_error_line(capsys, "no such folder (--predictions)")
+  one_error_line(capsys, "no such folder (--predictions)")
   assert score.main(["--predictions", str(pred), "--labels", str(pred / "a.csv"), "--mpp", "0.5"]) == 2
-  _one_error_line(capsys, "not a folder (--labels)")
+  one_error_line(capsys, "not a folder (--labels)")
   (tmp_path / "t.json").write_text('{"best_threshold": 7}')
   assert score.main(["--predictions", str(pred), "--labels", str(lab), "--mpp", "0.5",
                      "--threshold-from", str(tmp_path / "t.json")]) == 2
-  _one_error_line(capsys, "best_threshold")
+  one_error_line(capsys, "best_threshold")
   (lab / "a.csv").unlink()
   assert score.main(["--predictions", str(pred), "--labels", str(lab), "--mpp", "0.5"]) == 2
-  _one_error_line(capsys, "no label files (--labels)")
+  one_error_line(capsys, "no label files (--labels)")
 
 
 def test_score_valid_input_unchanged(tmp_path, capsys):
