@@ -1,12 +1,20 @@
-"""Benchmark of the MUSE backbones and the nucleus feature sampler on the local devices.
+"""Benchmark of the MUSE backbones (against PyTorch, same run) and the nucleus feature sampler on the local devices.
 
 Run from the repository root:
 
   .venv/bin/python -m experiments.bench_backbone                       # tiny + vit_s16, batch 8, 224 px, fp32
-  .venv/bin/python -m experiments.bench_backbone --models tiny,vit_s16,vit_b16,r50 --repeats 3
+  .venv/bin/python -m experiments.bench_backbone --models vit_s16,vit_b16,r50 --repeats 5 --skip_sampler
 
 Backbones: forward (eval mode) and forward+backward (train mode: batch statistics, gradient of a scalar loss w.r.t.
 all parameters) of one jitted function, median of `--repeats` timed calls after one warm-up call (compile excluded).
+The PyTorch baseline is measured in the same process, interleaved call by call with ours (JAX fwd, torch fwd, JAX
+fwd+bwd, torch fwd+bwd, repeat), so load from other processes hits both alike: `experiments/torch_muse.py`, the
+re-implementation of the official modules that the parity tests use, with the same weights (random PyTorch init moved
+by `muse_jax.tools.convert`; the forward outputs are checked equal before timing). PyTorch runs with as many
+intra-op threads as JAX's CPU client uses (`--threads`, default: all cores), fp32, eager (`torch.inference_mode`
+forward; `loss.backward()` for fwd+bwd). Speed-up = PyTorch s / JAX s (> 1: we are faster). Without torch installed
+(`pip install -r requirements-torch.txt`) the PyTorch columns are left out.
+
 Sampler: `ops.sample_nuclei` on `f_map` [B, S/4, S/4, C] with B=32, N=300, C=384 against two per-image loop baselines
 measured in the same run: (a) a Python loop over images with eager (op-by-op) execution, which is what the official
 PyTorch code does; (b) a Python loop calling a jitted one-image function. Forward+backward = gradient of
@@ -30,10 +38,6 @@ from configs.models import get_config
 from muse_jax import ops
 from muse_jax.models import build_backbone
 
-# Official PyTorch encoder-decoder, 2 threads, fp32, batch 8, 224 px (issue 2): (forward s, forward+backward s).
-TORCH_REFERENCE = {"vit_s16": (0.60, 1.85), "vit_b16": (2.2, 6.6), "r50": (1.35, 4.2)}
-
-
 CPU_SECONDS = {}  # label -> median process CPU seconds per call (all threads), filled by _timeit
 
 
@@ -51,11 +55,53 @@ def _timeit(fn, repeats: int, label: str | None = None) -> float:
   return statistics.median(times)
 
 
-def bench_backbone(variant: str, batch: int, size: int, repeats: int) -> tuple[float, float]:
-  """Returns (forward s, forward+backward s) medians."""
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+  """Median wall seconds per callable, timed in rounds (one call of each per round) after one warm-up call each.
+
+  Also records the median process CPU seconds in `CPU_SECONDS`.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in fns}
+  cpu = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t0)
+      cpu[k].append(time.process_time() - c0)
+  for k in fns:
+    CPU_SECONDS[k] = statistics.median(cpu[k])
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def torch_model(variant: str, seed: int = 0):
+  """(PyTorch module with random weights, our variables with the same weights), or (None, None) without torch."""
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return None, None
+  from experiments import torch_muse  # pylint: disable=import-outside-toplevel
+  from muse_jax.tools import convert  # pylint: disable=import-outside-toplevel
+  cfg = get_config(variant)
+  if cfg.arch == "vit":
+    if cfg.patch_size != 16:
+      return None, None  # the official ViT (and its re-implementation) has 16 px patches only
+    model = torch_muse.TMuseViT(cfg)
+  else:
+    model = torch_muse.TMuseResNet(cfg)
+  torch_muse.randomise(model, seed)
+  variables, _ = convert.torch_to_variables(torch_muse.state_dict_np(model), cfg, pos_embed_resize="exact")
+  return model, jax.tree.map(jnp.asarray, variables)
+
+
+def bench_backbone(variant: str, batch: int, size: int, repeats: int, use_torch: bool = True) -> dict[str, float]:
+  """Returns {'fwd', 'fwd_bwd'} JAX medians and, with PyTorch, {'torch_fwd', 'torch_fwd_bwd'} (wall s)."""
   module = build_backbone(get_config(variant))
   images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-  variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(1), images[:1])
+  tmodel, variables = torch_model(variant) if use_torch else (None, None)
+  if variables is None:
+    variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(1), images[:1])
   fwd = jax.jit(functools.partial(module.apply, train=False))
 
   @jax.jit
@@ -66,9 +112,38 @@ def bench_backbone(variant: str, batch: int, size: int, repeats: int) -> tuple[f
       return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), upd
     return jax.grad(loss_fn, has_aux=True)(variables["params"])
 
-  t_f = _timeit(lambda: fwd(variables, images), repeats, f"{variant} fwd")
-  t_fb = _timeit(lambda: fwd_bwd(variables, images), repeats, f"{variant} fwd+bwd")
-  return t_f, t_fb
+  fns = {f"{variant} fwd": lambda: fwd(variables, images)}
+  if tmodel is not None:
+    import torch  # pylint: disable=import-outside-toplevel
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+
+    def t_fwd():
+      tmodel.eval()
+      with torch.inference_mode():
+        return tmodel(x)
+
+    def t_fwd_bwd():
+      tmodel.train()
+      tmodel.zero_grad(set_to_none=True)
+      f_map, f_cls = tmodel(x)
+      loss = f_map.pow(2).mean() + f_cls.pow(2).mean()
+      loss.backward()
+      return loss.detach()
+
+    # Same architecture and weights: the forward outputs agree before anything is timed.
+    ref_map, ref_cls = t_fwd()
+    out = fwd(variables, images)
+    np.testing.assert_allclose(np.asarray(out["f_map"]), ref_map.permute(0, 2, 3, 1).numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(out["f_cls"]), ref_cls.numpy(), rtol=1e-3, atol=1e-3)
+    fns[f"{variant} torch fwd"] = t_fwd
+  fns[f"{variant} fwd+bwd"] = lambda: fwd_bwd(variables, images)
+  if tmodel is not None:
+    fns[f"{variant} torch fwd+bwd"] = t_fwd_bwd
+  t = _interleaved(fns, repeats)
+  res = {"fwd": t[f"{variant} fwd"], "fwd_bwd": t[f"{variant} fwd+bwd"]}
+  if tmodel is not None:
+    res.update(torch_fwd=t[f"{variant} torch fwd"], torch_fwd_bwd=t[f"{variant} torch fwd+bwd"])
+  return res
 
 
 def bench_sampler(b: int, n: int, c: int, size: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -124,32 +199,46 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=0,
+                      help="PyTorch intra-op threads (0: all cores, as XLA's CPU client uses)")
+  parser.add_argument("--no_torch", action="store_true", help="skip the same-run PyTorch baseline")
   parser.add_argument("--sampler_repeats", type=int, default=5)
   parser.add_argument("--skip_sampler", action="store_true")
   parser.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   args = parser.parse_args()
   backbone_rows, sampler_rows = [], []
+  threads = args.threads or os.cpu_count()
+  torch_version = None
+  if not args.no_torch:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+      torch.set_num_threads(threads)
+      torch_version = torch.__version__
+    except ImportError:
+      print("PyTorch not installed (pip install -r requirements-torch.txt): no same-run baseline")
 
   print(f"jax {jax.__version__}, devices {jax.devices()}, cpu count {os.cpu_count()}, "
         f"load average at start {os.getloadavg()[0]:.1f} (shared machine: figures are indicative)")
+  if torch_version:
+    print(f"PyTorch {torch_version}, {threads} intra-op threads, measured in the same run, interleaved call by call")
   print(f"\nBackbones: batch {args.batch}, {args.size} px, fp32, median of {args.repeats} after 1 warm-up\n")
   print("Wall s is distorted by other processes on a shared machine; CPU s (process CPU time over all threads) is\n"
         "not, and bounds the wall time on an idle machine: CPU s / threads <= wall <= CPU s.\n")
-  print("| model | forward wall s (CPU s) | fwd+bwd wall s (CPU s) | torch ref fwd / fwd+bwd s "
-        "| speed-up fwd / fwd+bwd |")
+  print("| model | forward wall s (CPU s) | fwd+bwd wall s (CPU s) | PyTorch fwd / fwd+bwd wall s (same run) "
+        "| speed-up vs PyTorch fwd / fwd+bwd |")
   print("|---|---|---|---|---|")
   for variant in [v for v in args.models.split(",") if v]:  # --models "" runs the sampler only
-    t_f, t_fb = bench_backbone(variant, args.batch, args.size, args.repeats)
-    ref = TORCH_REFERENCE.get(variant)
-    ref_s = f"{ref[0]:.2f} / {ref[1]:.2f}" if ref else "-"
-    spd = f"{ref[0] / t_f:.2f}x / {ref[1] / t_fb:.2f}x" if ref else "-"
+    r = bench_backbone(variant, args.batch, args.size, args.repeats, use_torch=torch_version is not None)
+    t_f, t_fb = r["fwd"], r["fwd_bwd"]
+    tr_f, tr_fb = r.get("torch_fwd"), r.get("torch_fwd_bwd")
+    ref_s = f"{tr_f:.3f} / {tr_fb:.3f}" if tr_f else "-"
+    spd = f"{tr_f / t_f:.2f}x / {tr_fb / t_fb:.2f}x" if tr_f else "-"
     c_f, c_fb = CPU_SECONDS[f"{variant} fwd"], CPU_SECONDS[f"{variant} fwd+bwd"]
     print(f"| {variant} | {t_f:.3f} ({c_f:.3f}) | {t_fb:.3f} ({c_fb:.3f}) | {ref_s} | {spd} |", flush=True)
     backbone_rows.append(dict(model=variant, forward_wall_s=t_f, forward_cpu_s=c_f, fwd_bwd_wall_s=t_fb,
-                              fwd_bwd_cpu_s=c_fb, torch_ref_forward_s=ref[0] if ref else None,
-                              torch_ref_fwd_bwd_s=ref[1] if ref else None,
-                              speedup_vs_torch_forward=ref[0] / t_f if ref else None,
-                              speedup_vs_torch_fwd_bwd=ref[1] / t_fb if ref else None))
+                              fwd_bwd_cpu_s=c_fb, torch_forward_s=tr_f, torch_fwd_bwd_s=tr_fb,
+                              speedup_vs_torch_forward=tr_f / t_f if tr_f else None,
+                              speedup_vs_torch_fwd_bwd=tr_fb / t_fb if tr_f else None))
 
   if not args.skip_sampler:
     b, n, c = 32, 300, 384
@@ -175,7 +264,7 @@ def main() -> None:
   if args.json:
     params = {k: v for k, v in vars(args).items() if k != "json"}
     pathlib.Path(args.json).write_text(json.dumps(dict(
-        benchmark="bench_backbone", params=params, devices=[str(d) for d in jax.devices()],
+        benchmark="bench_backbone", params=params, devices=[str(d) for d in jax.devices()], torch=torch_version,
         tables=dict(backbones=backbone_rows, sampler=sampler_rows)), indent=1))
 
 

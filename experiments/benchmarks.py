@@ -155,10 +155,9 @@ def _summary_backbone(res: dict) -> list[Row]:
   rows = []
   for r in t.get("backbones", []):
     for part, key in (("forward", "forward"), ("fwd+bwd", "fwd_bwd")):
-      ref = r.get(f"torch_ref_{key}_s")
+      ref = r.get(f"torch_{key}_s")
       rows.append(_row(f"{r['model']} backbone {part} ({shape})", r[f"{key}_wall_s"], "s (wall)",
-                       f"official PyTorch {fmt(ref)} s (fixed reference from issue 2, not this run)" if ref else "-",
-                       ref))
+                       f"PyTorch {fmt(ref)} s (same run, interleaved)" if ref else "-", ref))
   sampler = t.get("sampler", [])
   base = next((r for r in sampler if r["method"].startswith("vectorised")), None)
   for r in sampler:
