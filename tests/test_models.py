@@ -231,6 +231,31 @@ def test_dino_head():
   assert set(one) == {"mlp_0", "last_layer"}
 
 
+def test_weight_norm_dense_is_x_times_the_normalised_kernel_with_gain_and_gradient():
+  """(x @ v) * g / ||v|| (the fast form, issue #23) equals PyTorch's weight_norm x @ (g * v / ||v||), value and grad."""
+  from muse_jax.models.heads import WeightNormDense
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 6)).astype(np.float32)
+  v = rng.normal(size=(6, 9)).astype(np.float32)
+  g = rng.uniform(0.5, 2.0, size=9).astype(np.float32)
+  layer = WeightNormDense(9, learn_gain=True)
+
+  def ours(v, g):
+    return layer.apply({"params": {"weight_v": v, "weight_g": g}}, x)
+
+  def formed(v, g):  # the kernel formed explicitly, as torch.nn.utils.weight_norm does
+    return x @ (g * v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True)))
+
+  want = x.astype(np.float64) @ (g * v / np.linalg.norm(v.astype(np.float64), axis=0, keepdims=True))
+  np.testing.assert_allclose(ours(v, g), want, rtol=1e-5, atol=1e-6)
+  w = rng.normal(size=(4, 9)).astype(np.float32)
+  grads = jax.grad(lambda v, g: jnp.sum(ours(v, g) * w), argnums=(0, 1))(v, g)
+  ref = jax.grad(lambda v, g: jnp.sum(formed(v, g) * w), argnums=(0, 1))(v, g)
+  for a, b in zip(grads, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_l2_normalize_matches_torch_semantics_and_has_finite_gradient_at_zero():
   from muse_jax.models.heads import l2_normalize
 
