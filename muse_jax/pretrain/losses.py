@@ -144,11 +144,16 @@ def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Arr
     for j, (lp_s, s_id, s_m) in enumerate(zip(s_logp, student_ids, student_masks)):
       if j == i:
         continue
-      index, matched = match_nuclei(t_id, t_m, s_id, s_m)
-      lp_aligned = jnp.take_along_axis(lp_s, index[..., None], axis=1)  # [B,Mi,K]
-      ce = -jnp.sum(p_t * lp_aligned, axis=-1)  # [B,Mi]
-      w = matched.astype(jnp.float32)
-      count = w.sum(-1)  # [B]
+      _, matched = match_nuclei(t_id, t_m, s_id, s_m)  # teacher side: which nuclei of view i are in view j
+      # The teacher distribution is gathered to the student's nuclei, not the student's log-probs to the teacher's:
+      # ids are unique within a view, so matched nuclei pair one to one and the sum over them is the same, but the
+      # gathered operand is then constant (stop-gradient) and the backward pass has no scatter-add into the
+      # student's [B, Mj, K] log-probs (on XLA:CPU those scatters were most of the loss's time; issue #23).
+      s_index, s_matched = match_nuclei(s_id, s_m, t_id, t_m)  # [B,Mj]: position of the same nucleus in view i
+      p_aligned = jnp.take_along_axis(p_t, s_index[..., None], axis=1)  # [B,Mj,K]
+      ce = -jnp.sum(p_aligned * lp_s, axis=-1)  # [B,Mj]
+      w = s_matched.astype(jnp.float32)
+      count = w.sum(-1)  # [B], = matched.sum(-1)
       pair_loss = jnp.sum(ce * w, -1) / jnp.maximum(count, 1.0)  # [B]
       valid = (count > 0).astype(jnp.float32)
       total = total + jnp.sum(pair_loss * valid)
