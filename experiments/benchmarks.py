@@ -51,14 +51,14 @@ STDERR_TAIL_LINES = 25
 PROFILES: dict[str, dict[str, list[str]]] = {
     "full": {},
     "quick": {
-        "bench_backbone": ["--models", "tiny,vit_s16", "--repeats", "1", "--sampler_repeats", "1"],
+        "bench_backbone": ["--models", "tiny,vit_s16,vit_b16,r50", "--repeats", "3", "--sampler_repeats", "1"],
         "bench_corpus": ["--sizes", "4096", "8192", "--repeats", "1"],
         "bench_data": ["--batch_size", "8", "--batches", "5", "--repeats", "1", "--workers", "0,1,2",
                        "--model", "vit_s16", "--model_batch", "1"],
         "bench_eval": ["--repeats", "1", "--tiles", "20"],
         "bench_predict": ["--variants", "tiny,vit_s16", "--repeats", "1", "--image", "512", "--batch", "2"],
         "bench_slide": ["--sizes", "1024", "2048", "--models", "dots", "tiny", "vit_s16", "--vit-max-size", "1024"],
-        "bench_train": ["--configs", "tiny,vit_s16", "--vit_batch", "1", "--repeats", "1"],
+        "bench_train": ["--configs", "tiny,vit_s16", "--vit_batch", "1", "--repeats", "3"],
     },
     "smoke": {
         "bench_backbone": ["--models", "tiny", "--repeats", "1", "--sampler_repeats", "1"],
