@@ -74,6 +74,11 @@ def dino_loss(teacher_logits: jax.Array, student_logits: jax.Array, center: jax.
   return jnp.sum(ce.mean(-1) * pair_mask) / n_pairs
 
 
+def _same_nucleus(ids_a: jax.Array, mask_a: jax.Array, ids_b: jax.Array, mask_b: jax.Array) -> jax.Array:
+  """[B, Ma, Mb] bool: slot a of one view and slot b of another hold the same (valid) nucleus."""
+  return (ids_a[:, :, None] == ids_b[:, None, :]) & mask_a[:, :, None] & mask_b[:, None, :]
+
+
 def match_nuclei(teacher_ids: jax.Array, teacher_mask: jax.Array, student_ids: jax.Array,
                  student_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Matches the nuclei of one teacher view to those of one student view by id.
@@ -90,8 +95,7 @@ def match_nuclei(teacher_ids: jax.Array, teacher_mask: jax.Array, student_ids: j
     `(index, matched)`: index [B, Mi] int32 position in the student view of the same nucleus (0 when unmatched),
     matched [B, Mi] bool, True where the teacher nucleus is valid and present (valid) in the student view.
   """
-  eq = ((teacher_ids[:, :, None] == student_ids[:, None, :]) & teacher_mask[:, :, None]
-        & student_mask[:, None, :])  # [B,Mi,Mj]
+  eq = _same_nucleus(teacher_ids, teacher_mask, student_ids, student_mask)  # [B,Mi,Mj]
   matched = jnp.any(eq, axis=-1)
   index = jnp.argmax(eq, axis=-1).astype(jnp.int32)
   return index, matched
@@ -144,12 +148,14 @@ def nulo_loss(teacher_logits: Sequence[jax.Array], teacher_ids: Sequence[jax.Arr
     for j, (lp_s, s_id, s_m) in enumerate(zip(s_logp, student_ids, student_masks)):
       if j == i:
         continue
-      _, matched = match_nuclei(t_id, t_m, s_id, s_m)  # teacher side: which nuclei of view i are in view j
+      eq = _same_nucleus(t_id, t_m, s_id, s_m)  # [B,Mi,Mj]
+      matched = jnp.any(eq, axis=-1)  # [B,Mi]: nuclei of view i present in view j (for the center)
       # The teacher distribution is gathered to the student's nuclei, not the student's log-probs to the teacher's:
       # ids are unique within a view, so matched nuclei pair one to one and the sum over them is the same, but the
       # gathered operand is then constant (stop-gradient) and the backward pass has no scatter-add into the
       # student's [B, Mj, K] log-probs (on XLA:CPU those scatters were most of the loss's time; issue #23).
-      s_index, s_matched = match_nuclei(s_id, s_m, t_id, t_m)  # [B,Mj]: position of the same nucleus in view i
+      s_matched = jnp.any(eq, axis=1)  # [B,Mj]
+      s_index = jnp.argmax(eq, axis=1).astype(jnp.int32)  # [B,Mj]: position of the same nucleus in view i
       p_aligned = jnp.take_along_axis(p_t, s_index[..., None], axis=1)  # [B,Mj,K]
       ce = -jnp.sum(p_aligned * lp_s, axis=-1)  # [B,Mj]
       w = s_matched.astype(jnp.float32)
