@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.models import get_config
+from configs.models import VARIANTS, get_config
 from muse_jax import ops
 from muse_jax.models import build_backbone
 
@@ -43,16 +43,7 @@ CPU_SECONDS = {}  # label -> median process CPU seconds per call (all threads), 
 
 def _timeit(fn, repeats: int, label: str | None = None) -> float:
   """Median wall seconds of `fn()` after one warm-up call; also records the median process CPU seconds."""
-  jax.block_until_ready(fn())  # warm-up (compile)
-  times, cpu = [], []
-  for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  if label:
-    CPU_SECONDS[label] = statistics.median(cpu)
-  return statistics.median(times)
+  return _interleaved({label or "_": fn}, repeats)[label or "_"]
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -206,6 +197,14 @@ def main() -> None:
   parser.add_argument("--skip_sampler", action="store_true")
   parser.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
   args = parser.parse_args()
+  unknown = [v for v in args.models.split(",") if v and v not in VARIANTS]
+  if unknown:
+    parser.error(f"--models: unknown variant(s) {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
+  for name in ("repeats", "sampler_repeats", "batch", "size"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+  if args.threads < 0:
+    parser.error(f"--threads must be >= 0 (0: all cores); got {args.threads}")
   backbone_rows, sampler_rows = [], []
   threads = args.threads or os.cpu_count()
   torch_version = None
