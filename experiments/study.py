@@ -121,7 +121,8 @@ def eval_command(python: str, root: pathlib.Path, brca: str, method: str, seed: 
 
 
 def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: int,
-                 steps: int = NDC_STEPS, overrides: Sequence[str] = (), stage_dir: str = "ndc") -> list[list[str]]:
+                 steps: int = NDC_STEPS, overrides: Sequence[str] = (), stage_dir: str = "ndc",
+                 variant: str = DEFAULT_VARIANT) -> list[list[str]]:
   """Fine-tune; predict the val and test tiles; choose the score threshold on val; score test (mcspatnet + muse).
 
   Test is scored twice: at the config's fixed threshold 0.5 (`scores.json`) and at the threshold that maximises
@@ -130,7 +131,9 @@ def ndc_commands(python: str, root: pathlib.Path, brca: str, method: str, seed: 
   wd = root / stage_dir / run_name(method, seed)
   if method == "raw":
     raise ValueError("the raw-pixel baseline has no backbone to fine-tune (ndc stage)")
-  init = "random:tiny" if method == "random" else backbone_of(root, method, seed)
+  # random init: the backbone variant that the pretrained methods train (tiny_p8 for small / small_sk), so the
+  # comparison is between initialisations of one architecture.
+  init = backbone_of(root, method, seed, variant)
 
   def files(split):
     names = (pathlib.Path(brca) / f"brca_ds_{split}.txt").read_text().split()
@@ -284,7 +287,7 @@ def do_ndc(args, method: str, seed: int) -> dict[str, Any]:
   root = pathlib.Path(args.root)
   stage_dir = f"ndc_{args.ndc_tag}" if args.ndc_tag else "ndc"
   return run_logged(ndc_commands(args.python, root, args.brca, method, seed, args.ndc_steps, args.ndc_override,
-                                 stage_dir), root / stage_dir / run_name(method, seed), cwd=args.repo)
+                                 stage_dir, args.variant), root / stage_dir / run_name(method, seed), cwd=args.repo)
 
 
 def chain(args, method: str, seed: int, stages: Sequence[str]) -> None:

@@ -189,6 +189,11 @@ def test_commands_are_the_project_clis(study, tmp_path):
   assert "--config.optim.backbone_train_mode=True" in ctl[0]
   assert ctl[0][ctl[0].index("--workdir") + 1] == str(root / "ndc_bn" / "muse_s1" / "train")
   assert ctl[-1][ctl[-1].index("--json") + 1] == str(root / "ndc_bn" / "muse_s1" / "scores_valthr.json")
+  # random init fine-tunes the architecture that the variant pretrains (tiny_p8 for small / small_sk, tiny for study)
+  rnd = study.ndc_commands("py", root, str(tmp_path / "b"), "random", 2, variant="small_sk")[0]
+  assert rnd[rnd.index("--init") + 1] == "random:tiny_p8" and "--config.seed=2" in rnd
+  old = study.ndc_commands("py", root, str(tmp_path / "b"), "random", 2, variant="study")[0]
+  assert old[old.index("--init") + 1] == "random:tiny"
   with pytest.raises(SystemExit):
     study.parse_args(["ndc", "--brca", "/b", "--ndc_override", "optim.backbone_train_mode=True"])
   a = study.parse_args(["ndc", "--brca", "/b", "--ndc_override", "optim.backbone_train_mode=True", "--ndc_tag", "bn"])
