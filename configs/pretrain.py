@@ -61,6 +61,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # variant starts unset, so a run that forgets `--config.data.source` stops at start naming the field instead of
   # pretraining on the sample (issue #19).
   c.data.source = "bundled" if variant == "tiny" else ""
+  # The accelerator recipes resize and augment their views in the jitted step (the host only crops and packs, so
+  # a few cores feed a chip: experiments/BENCHMARKS.md, bench_data); the CPU-scale recipes keep it on the host.
+  c.data.augment_on = "device" if variant in ("vit_s16", "vit_b16", "r50", "lfov_vit_b16") else "host"
   c.synthetic_region_nuclei = 32  # nuclei per synthetic region (data_source='synthetic' only)
   c.batch_size = 512  # GLOBAL batch (regions per step); must be a multiple of the device count
 

@@ -1,4 +1,5 @@
-"""End-to-end checks of the pretraining driver on the tiny config with synthetic data (4 fake CPU devices)."""
+"""End-to-end checks of the pretraining driver on the tiny config with synthetic data (4 fake CPU devices), in the
+'device' augmentation layout (the views are rendered in the step)."""
 import json
 import os
 import pathlib
@@ -24,6 +25,10 @@ def small_config(total_steps: int = 6) -> ml_collections.ConfigDict:
   c.data_source = "synthetic"
   c.data.n_global, c.data.global_size, c.data.n_local, c.data.local_size = 2, 64, 1, 32
   c.data.max_nuclei_global, c.data.max_nuclei_local = 8, 4
+  # The accelerator recipes' layout (issue #23): the step renders the views from crops with keys from the step's
+  # RNG, so the resume and device-count tests below also check that rendering is exact across both.
+  c.data.augment_on = "device"
+  c.data.blur_p, c.data.solarize_p, c.data.grayscale_p = (1.0, 0.5, 0.5), 0.5, 0.5
   c.synthetic_region_nuclei = 10
   c.batch_size = 4
   c.heads.cls_out_dim, c.heads.nu_out_dim, c.heads.hidden_dim, c.heads.bottleneck_dim = 32, 16, 32, 16

@@ -7,7 +7,9 @@
 
 Batch layout (host-local, numpy; `B` = per-host batch):
 `{'global': {'images': uint8 [B,Vg,G,G,3], 'coords': f32 [B,Vg,Mg,2], 'ids': i32 [B,Vg,Mg] (-1 = pad),
-'mask': bool [B,Vg,Mg], 'mpp': f32 [B,Vg]}, 'local': {same with Vl, L, Ml}}`. `ids` identify a nucleus within its
+'mask': bool [B,Vg,Mg], 'mpp': f32 [B,Vg]}, 'local': {same with Vl, L, Ml}}`. With `cfg.augment_on = 'device'`
+`images` is replaced by the unresized `crops` uint8 [B,V,S,S,3], `box` f32 [B,V,3] and `geom` i32 [B,V,3], which the
+jitted step renders (`muse_jax.pretrain.augment`); `batch_layout` gives the shapes. `ids` identify a nucleus within its
 region (same nucleus, same id in every view of that region). `to_global_arrays` turns it into global `jax.Array`s
 sharded over a mesh axis.
 
@@ -87,6 +89,12 @@ def default_data_config(variant: str = 'default') -> ml_collections.ConfigDict:
   c.blur_sigma_um = ml_collections.FieldReference(None, field_type=tuple)  # (lo, hi) µm: sigma_px = U / view mpp
   c.solarize_p = 0.2            # second global view only
   c.stain_jitter = 0.0          # H&E stain jitter strength (color_aug 'hed'; with 'rgb', > 0 adds it before)
+  # Where the resize and the photometric augmentations run: 'host' (Grain workers, numpy + PIL) or 'device' (in
+  # the jitted step, keyed by the step's RNG; the host only crops and packs; see muse_jax.data.views).
+  c.augment_on = 'host'
+  # 'device' mode: crop buffer side = ceil(view size * factor) + 5 px; None = max view mpp / region_mpp (2.0 when
+  # the records carry their own mpp). Views with a wider field of view are reduced on the host first.
+  c.device_crop_factor = ml_collections.FieldReference(None, field_type=float)
   # Loading.
   c.num_workers = 0             # Grain worker processes (mp_prefetch); 0 = in-process
   c.prefetch_buffer = 2         # batches buffered per worker process
@@ -329,6 +337,29 @@ def make_pretrain_dataset(source, data_cfg: ml_collections.ConfigDict, *, seed: 
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg['num_workers']),
                                                      per_worker_buffer_size=int(cfg['prefetch_buffer'])))
   return it
+
+
+def batch_layout(data_cfg, batch_size: int) -> dict[str, dict[str, tuple[tuple[int, ...], Any]]]:
+  """`{group: {field: (shape, numpy dtype)}}` of a host batch of `batch_size` regions (the module docstring's
+  layout; with `augment_on='device'`, `crops` [B, V, S, S, 3] uint8, `box` f32 [B, V, 3] and `geom` i32 [B, V, 3]
+  instead of `images`). Used for abstract batches (`muse_jax.tools.aot`) and synthetic data."""
+  d = data_cfg
+  groups = [('global', d['n_global'], d['global_size'], d['max_nuclei_global'])]
+  if d['n_local'] > 0:
+    groups.append(('local', d['n_local'], d['local_size'], d['max_nuclei_local']))
+  device = views.augment_on(d) == 'device'
+  out = {}
+  for name, v, s, m in groups:
+    g = {'coords': ((batch_size, v, m, 2), np.float32), 'ids': ((batch_size, v, m), np.int32),
+         'mask': ((batch_size, v, m), np.bool_), 'mpp': ((batch_size, v), np.float32)}
+    if device:
+      buf = views.crop_buffer_size(s, d)
+      g.update(crops=((batch_size, v, buf, buf, 3), np.uint8), box=((batch_size, v, 3), np.float32),
+               geom=((batch_size, v, 3), np.int32))
+    else:
+      g['images'] = ((batch_size, v, s, s, 3), np.uint8)
+    out[name] = g
+  return out
 
 
 def to_global_arrays(batch: dict, mesh, axis: str | tuple[str, ...] = 'data') -> dict:

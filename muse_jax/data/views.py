@@ -23,6 +23,16 @@ Geometry (all in the PIL/edge convention internally, pixel centres at integers f
   rotation; 'hed': H&E stain jitter, a scale/shift of the haematoxylin/eosin/DAB optical densities through
   skimage `rgb2hed`/`hed2rgb`; 'none'), grayscale, Gaussian blur (PIL; sigma in view px from `blur_sigma`, or in
   µm from `blur_sigma_um`, divided by the view's mpp), solarisation (x >= 128 -> 255 - x).
+
+Two places to augment (`cfg['augment_on']`, issue #23):
+* 'host' (the default of the CPU-scale recipes): everything above runs here, in numpy + PIL; a view leaves the
+  host as uint8 `images` [V, size, size, 3].
+* 'device' (the accelerator recipes): the host only crops and packs. A view leaves as `crops` uint8 [V, S, S, 3]
+  (the window around its field of view, unresized, `S = crop_buffer_size(size, cfg)`), `box` f32 [V, 3]
+  (`ox, oy, fov`: the field of view inside the crop, edge coordinates in crop pixels) and `geom` i32 [V, 3]
+  (`hflip, vflip, k`); its nucleus coordinates are already in the final (resized, flipped, rotated) view, exactly
+  as in 'host' mode. The jitted step (`muse_jax.pretrain.augment.render`) resizes, flips, rotates and applies the
+  photometric augmentations on the accelerator, keyed by the step's RNG.
 """
 
 from __future__ import annotations
@@ -99,6 +109,78 @@ def crop_resize(image: np.ndarray, x0: float, y0: float, fov: float, size: int, 
                 resample: int = Image.BILINEAR) -> np.ndarray:
   """`crop_resize_pil` returning uint8 [size, size, 3]."""
   return np.asarray(crop_resize_pil(image, x0, y0, fov, size, pad_mode, resample), dtype=np.uint8)
+
+
+def crop_buffer_size(size: int, cfg: Mapping[str, Any]) -> int:
+  """Side S (px) of the crop buffer of a `size` px view in 'device' mode: `ceil(size * f) + 5`, where `f` is
+  `cfg['device_crop_factor']` or, when None, the largest field of view in units of the view: max view mpp / the
+  region's mpp (`cfg['region_mpp']`; 2.0 when the records carry their own mpp, i.e. 0.5 µm/px views of 0.25 µm/px
+  scans). The +5 holds the 2 px margin that the resize filter reads on each side of the field of view. A view whose
+  field of view is wider than `S - 5` is reduced on the host first (`crop_window`)."""
+  f = cfg.get('device_crop_factor')
+  if f is None:
+    hi = float(max(cfg['mpp_choices'])) if cfg['mpp_dist'] == 'discrete' else float(cfg['mpp_range'][1])
+    f = hi / float(cfg['region_mpp']) if cfg.get('region_mpp') else 2.0
+  return int(math.ceil(size * float(f) - 1e-9)) + 5
+
+
+def _window_index(start: int, length: int, n: int, pad_mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """Source indices of pixels `start .. start + length - 1` of an axis of `n` px, mapped inside as `np.pad` does
+  ('reflect': mirrored without repeating the edge, 'edge' when n == 1; 'constant': clipped, with an `inside` mask
+  marking the pixels that exist)."""
+  i = np.arange(start, start + length)
+  inside = (i >= 0) & (i < n)
+  if pad_mode == 'reflect':
+    if n == 1:
+      return np.zeros_like(i), inside
+    period = 2 * (n - 1)
+    j = np.mod(i, period)
+    return np.where(j < n, j, period - j), inside
+  if pad_mode == 'constant':
+    return np.clip(i, 0, n - 1), inside
+  raise ValueError(f'pad_mode {pad_mode!r}: expected "reflect" or "constant".')
+
+
+def crop_window(image: np.ndarray, x0: float, y0: float, fov: float, buffer: int, pad_mode: str = 'reflect',
+                out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """The unresized window of a view for 'device' mode: uint8 [buffer, buffer, 3] and the field of view in it.
+
+  The window starts 2 px before the field of view (`(x0, y0)`, `fov`: region edge coordinates) so that the
+  device's resize filter reads real neighbours, as PIL does on the host; pixels outside the region are filled with
+  `pad_mode` as in `crop_resize_pil` (np.pad semantics). Only the `ceil(fov) + 5` px that the resize reads are
+  written (into `out` when given, else into a new zero buffer); the rest of the buffer is never read. Returns
+  `(crop, (ox, oy, f))`: the field of view is `[ox, ox + f)` x `[oy, oy + f)` of `crop` (edge coordinates), with
+  `f <= buffer - 5` and at least 2 px of margin around it. When `fov + 5 > buffer` a wider window (margins of
+  `ceil(2.5 / s)` px, `s = (buffer - 5) / fov`) is first reduced to `buffer` px on the host (PIL, antialiased),
+  and the box is scaled with it.
+  """
+  arr = np.asarray(image)
+  h, w = arr.shape[:2]
+  if fov + 5 <= buffer:
+    margin = 2
+    side = min(buffer, int(math.ceil(fov)) + 5)
+  else:
+    margin = int(math.ceil(2.5 * fov / (buffer - 5)))
+    side = int(math.ceil(fov + 2 * margin)) + 1
+  xi, yi = int(math.floor(x0)) - margin, int(math.floor(y0)) - margin
+  iy, in_y = _window_index(yi, side, h, pad_mode)
+  ix, in_x = _window_index(xi, side, w, pad_mode)
+  if 0 <= yi and yi + side <= h and 0 <= xi and xi + side <= w:
+    win = arr[yi:yi + side, xi:xi + side]
+  else:
+    win = arr[np.ix_(iy, ix)]
+    if pad_mode == 'constant':
+      win = np.where((in_y[:, None] & in_x[None, :])[..., None], win, np.uint8(255))
+  if out is None:
+    out = np.zeros((buffer, buffer, 3), np.uint8)
+  box = (x0 - xi, y0 - yi, fov)
+  if side > buffer:
+    s = buffer / side
+    out[:] = np.asarray(Image.fromarray(np.ascontiguousarray(win)).resize((buffer, buffer), Image.BILINEAR))
+    box = (box[0] * s, box[1] * s, fov * s)
+  else:
+    out[:side, :side] = win
+  return out, (float(box[0]), float(box[1]), float(box[2]))
 
 
 def map_coords(coords: np.ndarray, x0: float, y0: float, fov: float, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,21 +347,42 @@ def pad_nuclei(coords: np.ndarray, ids: np.ndarray, max_nuclei: int, rng: np.ran
   return c, i, m
 
 
-def _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_nuclei, blur_p, solarize_p):
-  hw = (region.size[1], region.size[0])
+AUGMENT_ON = ('host', 'device')
+
+
+def augment_on(cfg: Mapping[str, Any]) -> str:
+  """'host' or 'device' (`cfg['augment_on']`; configs from before the field are 'host')."""
+  where = cfg.get('augment_on', 'host')
+  if where not in AUGMENT_ON:
+    raise ValueError(f'data.augment_on={where!r}: expected one of {AUGMENT_ON}')
+  return where
+
+
+def _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_nuclei, blur_p, solarize_p,
+              out=None):
+  """One view. 'host' mode (`out` None; `region` a PIL image): (uint8 image [size, size, 3], coords, ids, mask,
+  box); 'device' mode (`region` uint8 [H, W, 3], the crop written into `out` [S, S, 3]): (out, coords, ids, mask,
+  box, (ox, oy, f) in the crop, (hflip, vflip, k))."""
+  hw = (region.size[1], region.size[0]) if out is None else region.shape[:2]
   fov = size * mpp / region_mpp
   x0, y0 = place_view(rng, hw, fov, center)
-  im = crop_resize_pil(region, x0, y0, fov, size, cfg['pad_mode'])
+  if out is None:
+    im = crop_resize_pil(region, x0, y0, fov, size, cfg['pad_mode'])
+  else:
+    crop, crop_box = crop_window(region, x0, y0, fov, out.shape[0], cfg['pad_mode'], out=out)
   vc, inside = map_coords(coords, x0, y0, fov, size)
   vc, vid = vc[inside], ids[inside]
   hflip = bool(cfg['flips']) and rng.uniform() < 0.5
   vflip = bool(cfg['flips']) and rng.uniform() < 0.5
   k = int(rng.integers(4)) if cfg['rot90'] else 0
-  im = flip_rotate_pil(im, hflip, vflip, k)
   vc = geometric_coords(vc, size, hflip, vflip, k)
-  im = photometric_pil(im, rng, cfg, blur_p=blur_p, solarize_p=solarize_p, mpp=mpp)
+  if out is None:
+    im = flip_rotate_pil(im, hflip, vflip, k)
+    im = photometric_pil(im, rng, cfg, blur_p=blur_p, solarize_p=solarize_p, mpp=mpp)
   c, i, m = pad_nuclei(vc, vid, max_nuclei, rng)
-  return np.asarray(im, dtype=np.uint8), c, i, m, (x0, y0, fov)
+  if out is None:
+    return np.asarray(im, dtype=np.uint8), c, i, m, (x0, y0, fov)
+  return crop, c, i, m, (x0, y0, fov), crop_box, (int(hflip), int(vflip), k)
 
 
 def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping[str, Any]) -> dict:
@@ -293,14 +396,17 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
 
   Returns:
     `{'global': {'images': uint8 [Vg,G,G,3], 'coords': f32 [Vg,Mg,2], 'ids': i32 [Vg,Mg], 'mask': bool [Vg,Mg],
-    'mpp': f32 [Vg]}, 'local': {... [Vl, L, ...], Ml}}` ('local' absent when n_local == 0).
+    'mpp': f32 [Vg]}, 'local': {... [Vl, L, ...], Ml}}` ('local' absent when n_local == 0). With
+    `cfg['augment_on'] == 'device'`, `images` is replaced by `crops` uint8 [V, S, S, 3], `box` f32 [V, 3] and
+    `geom` i32 [V, 3] (module docstring); coords, ids, mask and mpp are the same fields.
   """
   image = np.asarray(record['image'], np.uint8)
   if image.ndim != 3 or image.shape[2] != 3:
     raise ValueError(f'region image has shape {image.shape}, expected [H, W, 3].')
   coords = np.asarray(record['coords'], np.float32).reshape(-1, 2)
   ids = np.arange(len(coords), dtype=np.int32)
-  region = Image.fromarray(np.ascontiguousarray(image))
+  device = augment_on(cfg) == 'device'
+  region = image if device else Image.fromarray(np.ascontiguousarray(image))
   if cfg['region_mpp'] is not None:
     region_mpp = float(cfg['region_mpp'])
   elif 'mpp' in record:
@@ -314,7 +420,12 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
   if cfg['n_local'] > 0:
     groups.append(('local', cfg['n_local'], cfg['local_size'], cfg['max_nuclei_local']))
   for group, n, size, max_n in groups:
-    ims, cs, is_, ms, mpps = [], [], [], [], []
+    ims, cs, is_, ms, mpps, crop_boxes, geoms = [], [], [], [], [], [], []
+    # One static buffer per group for every record (from the config, not from this record's mpp).
+    crops = None
+    if device:
+      buffer = crop_buffer_size(size, cfg)
+      crops = np.zeros((n, buffer, buffer, 3), np.uint8)
     for v in range(n):
       mpp = sample_mpp(rng, cfg['mpp_dist'], cfg['mpp_range'], cfg['mpp_choices'])
       if group == 'global':
@@ -328,12 +439,20 @@ def make_views(record: Mapping[str, Any], rng: np.random.Generator, cfg: Mapping
         if cfg['local_in_global'] and boxes:
           gx0, gy0, gf = boxes[int(rng.integers(len(boxes)))]
           center = (gx0 + rng.uniform(0, gf), gy0 + rng.uniform(0, gf))
-      im, c, i, m, box = _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_n, blur_p, sol_p)
+      im, c, i, m, box, *dev = _one_view(region, coords, ids, rng, cfg, size, mpp, region_mpp, center, max_n,
+                                         blur_p, sol_p, None if crops is None else crops[v])
       if group == 'global':
         boxes.append(box)
       ims.append(im), cs.append(c), is_.append(i), ms.append(m), mpps.append(mpp)
-    out[group] = {'images': np.stack(ims), 'coords': np.stack(cs), 'ids': np.stack(is_), 'mask': np.stack(ms),
+      if dev:
+        crop_boxes.append(dev[0]), geoms.append(dev[1])
+    out[group] = {'coords': np.stack(cs), 'ids': np.stack(is_), 'mask': np.stack(ms),
                   'mpp': np.asarray(mpps, np.float32)}
+    if device:
+      out[group].update(crops=crops, box=np.asarray(crop_boxes, np.float32),
+                        geom=np.asarray(geoms, np.int32))
+    else:
+      out[group]['images'] = np.stack(ims)
   return out
 
 

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from muse_jax import ops
+from muse_jax.pretrain import augment
 from muse_jax.pretrain import losses
 from muse_jax.pretrain import optim as optim_lib
 from muse_jax.pretrain import teacher as teacher_lib
@@ -205,6 +206,9 @@ def make_step_fn(config: ml_collections.ConfigDict, nets: Networks, tx: optax.Gr
     rng = jax.random.fold_in(base_rng, step)
     teacher_params = teacher_lib.get_teacher(state["opt_state"])
     tt = schedules.teacher_temp(step)
+    if augment.needs_render(batch):
+      # data.augment_on='device': resize, flips / rotations and photometric augmentations here, keyed by the step.
+      batch = augment.render(batch, jax.random.fold_in(rng, augment.AUG_SALT), config.data)
 
     def loss_fn(params):
       return compute_losses(nets, params, state["batch_stats"], teacher_params, state["teacher_batch_stats"],

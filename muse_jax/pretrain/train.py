@@ -81,7 +81,8 @@ RULES: dict[str, config_check.Rule] = {
     "data.brightness": C.nonneg(), "data.contrast": C.nonneg(), "data.saturation": C.nonneg(),
     "data.hue": C.number(0, 0.5), "data.grayscale_p": C.prob(), "data.blur_p": C.sequence(C.prob(), n=3),
     "data.blur_sigma": C.pair(unit="px"), "data.blur_sigma_um": C.optional(C.pair(unit="µm")),
-    "data.solarize_p": C.prob(), "data.stain_jitter": C.nonneg(), "data.num_workers": C.integer(0),
+    "data.solarize_p": C.prob(), "data.stain_jitter": C.nonneg(), "data.augment_on": C.choice("host", "device"),
+    "data.device_crop_factor": C.optional(C.positive()), "data.num_workers": C.integer(0),
     "data.prefetch_buffer": C.integer(1), "data.read_threads": C.integer(1), "data.read_buffer": C.integer(1),
     "data.detector.min_distance_um": C.positive("µm"), "data.detector.sigma_um": C.positive("µm"),
     "data.detector.threshold_scale": C.positive(),
@@ -115,7 +116,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "optim.warmup_frac": -1.0, "optim.warmup_teacher_temp_frac": -1.0, "optim.freeze_last_layer_frac": -1.0,
     "optim.teacher_half_life_frac": 0.0, "data.color_aug": "rgb", "data.global_in_global": False,
     "data.blur_sigma_um": None, "loss.image_targets": "center", "loss.nu_targets": "center",
-    "loss.sinkhorn_iters": 3, "loss.w_koleo_nu": 0.0, "synthetic_region_nuclei": 32,
+    "loss.sinkhorn_iters": 3, "loss.w_koleo_nu": 0.0, "synthetic_region_nuclei": 32, "data.augment_on": "host",
+    "data.device_crop_factor": None,
 }
 _OPTIONAL_FIELDS = (set(LEGACY_DEFAULTS) | {f for f in RULES if f.startswith("health.")}
                     | {f"model.{k}" for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
@@ -178,6 +180,14 @@ def check_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDict)
                                     foreign_files=FOREIGN_FILES, legacy=LEGACY_DEFAULTS)
 
 
+def _crop_buffers(d: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(global, local) crop buffer sides of the 'device' augmentation layout; None for 'host'."""
+  from muse_jax.data import views  # pylint: disable=import-outside-toplevel
+  if views.augment_on(d) != "device":
+    return None
+  return views.crop_buffer_size(d.global_size, d), views.crop_buffer_size(d.local_size, d)
+
+
 def make_data_iterator(config: ml_collections.ConfigDict) -> tuple[Iterator, int | None]:
   """Host-local batch iterator (checkpointable) and the dataset length in regions (None if unknown)."""
   pi, pc = jax.process_index(), jax.process_count()
@@ -187,7 +197,7 @@ def make_data_iterator(config: ml_collections.ConfigDict) -> tuple[Iterator, int
                                      global_size=d.global_size, local_size=d.local_size,
                                      max_nuclei_global=d.max_nuclei_global, max_nuclei_local=d.max_nuclei_local,
                                      n_region=config.synthetic_region_nuclei, seed=config.seed, process_index=pi,
-                                     process_count=pc)
+                                     process_count=pc, crop_buffers=_crop_buffers(d))
     return it, None
   from muse_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   source = pipeline.open_pretrain_source(config.data)

@@ -156,21 +156,12 @@ def _with_sharding(tree: Any, shardings: Any) -> Any:
 
 
 def pretrain_batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict[str, Any]:
-  """Abstract pretraining batch of the data contract (`muse_jax.data.pipeline.make_pretrain_dataset`)."""
-  d = config.data
-  out = {}
-  groups = [("global", d.n_global, d.global_size, d.max_nuclei_global)]
-  if d.n_local > 0:
-    groups.append(("local", d.n_local, d.local_size, d.max_nuclei_local))
-  for name, v, s, m in groups:
-    out[name] = {
-        "images": jax.ShapeDtypeStruct((global_batch, v, s, s, 3), jnp.uint8),
-        "coords": jax.ShapeDtypeStruct((global_batch, v, m, 2), jnp.float32),
-        "ids": jax.ShapeDtypeStruct((global_batch, v, m), jnp.int32),
-        "mask": jax.ShapeDtypeStruct((global_batch, v, m), jnp.bool_),
-        "mpp": jax.ShapeDtypeStruct((global_batch, v), jnp.float32),
-    }
-  return out
+  """Abstract pretraining batch of the data contract (`muse_jax.data.pipeline.batch_layout`; 'host' or 'device'
+  augmentation layout from `config.data.augment_on`)."""
+  from muse_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  layout = pipeline.batch_layout(config.data, global_batch)
+  return {g: {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dt)) for k, (shape, dt) in f.items()}
+          for g, f in layout.items()}
 
 
 def compile_config(config: ml_collections.ConfigDict, n_devices: int,
