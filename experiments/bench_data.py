@@ -12,7 +12,13 @@ Reports:
    measured in the same run, and the ratio pipeline / consumer (target >= 2);
 3. the mean number of nuclei shared by a local view and the global view it was placed in, and by a (global,
    local) pair in general;
-4. with `--data`: the classical detector's precision / recall / F1 on the BRCA-M2C test split at a 3 µm radius.
+4. with `--data`: the classical detector's precision / recall / F1 on the BRCA-M2C test split at a 3 µm radius;
+5. where the views are augmented (`--aug host,device`, issue #23): the pipeline rows for each `data.augment_on`,
+   the host rate **per worker core** (in-process, one read thread: one core's production), the rate at which the
+   jitted `muse_jax.pretrain.augment.render` turns device-layout batches into views on this machine's JAX device,
+   and the host cores needed per accelerator at given step rates (`--step_rates 'NAME=REGIONS_PER_S;...'`; defaults:
+   the ViT-S/16 bf16 step rate measured on one H200 in issue #23, 894 regions/s, for an H100 (same dense bf16 peak,
+   989 TFLOP/s) and the same MFU on a v5p chip (459 TFLOP/s): 894 x 459 / 989 = 415 regions/s).
 """
 
 from __future__ import annotations
@@ -91,6 +97,42 @@ def _consumer_rate(cfg, batch_size: int, repeats: int, variant: str, dtype: str 
   return batch_size / statistics.median(times)
 
 
+def _views_rate(source, cfg, n: int, repeats: int) -> float:
+  """Regions/s of `views.make_views` alone in this thread (one core; no loader, shuffle or batching)."""
+  from muse_jax.data import views  # pylint: disable=g-import-not-at-top
+  plain = cfg.to_dict()
+  rng = np.random.default_rng(0)
+  views.make_views(source[0], rng, plain)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for k in range(n):
+      views.make_views(source[k % len(source)], rng, plain)
+    times.append(time.perf_counter() - t)
+  return n / statistics.median(times)
+
+
+def _render_rate(source, cfg, batch_size: int, repeats: int) -> float:
+  """Regions/s of the jitted device-side rendering (`augment.render`) of real device-layout batches here."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from muse_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from muse_jax.pretrain import augment  # pylint: disable=g-import-not-at-top
+  it = iter(pipeline.make_pretrain_dataset(source, cfg, seed=0, batch_size=batch_size))
+  batch = jax.device_put(next(it))
+  plain = cfg.to_dict()
+  render = jax.jit(lambda b, k: augment.render(b, k, plain))
+  jax.block_until_ready(render(batch, jax.random.key(0)))  # compile
+  times = []
+  for i in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(render(batch, jax.random.key(i + 1)))
+    times.append(time.perf_counter() - t)
+  return batch_size / statistics.median(times)
+
+
+DEFAULT_STEP_RATES = 'H100=894;v5p=415'  # ViT-S/16 bf16: issue #23's H200 figure; v5p at the same MFU (459/989)
+
+
 def _shared(source, cfg, n: int) -> tuple[float, float, float, float]:
   from muse_jax.data import views  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -126,8 +168,18 @@ def main(argv=None) -> int:
   p.add_argument('--model', default='vit_s16')
   p.add_argument('--dtype', default=None, help='model compute dtype override (e.g. bfloat16)')
   p.add_argument('--skip_model', action='store_true')
+  p.add_argument('--aug', default='host', help="comma list of data.augment_on modes to time: host,device")
+  p.add_argument('--step_rates', default=DEFAULT_STEP_RATES,
+                 help='NAME=REGIONS_PER_S;...: accelerator step rates for the cores-per-accelerator table (--aug)')
   p.add_argument('--json', default=None, help='also write the measured rows and parameters to this JSON file')
   a = p.parse_args(argv)
+  modes = [m.strip() for m in a.aug.split(',') if m.strip()]
+  if not modes or any(m not in ('host', 'device') for m in modes):
+    p.error(f'--aug {a.aug!r}: expected a comma list of host, device')
+  try:
+    step_rates = [(k.strip(), float(v)) for k, v in (x.rsplit('=', 1) for x in a.step_rates.split(';') if x.strip())]
+  except ValueError:
+    p.error(f'--step_rates {a.step_rates!r}: expected NAME=REGIONS_PER_S;...')
 
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
@@ -140,9 +192,25 @@ def main(argv=None) -> int:
         f'{cfg.n_local}x{cfg.local_size}, mpp {cfg.mpp_dist} {tuple(cfg.mpp_range)}')
 
   rows = []
-  for w in [int(x) for x in a.workers.split(',')]:
-    cfg.num_workers = w
-    rows.append((f'pipeline, {w} worker(s)', _pipeline_rate(source, cfg, a.batch_size, a.batches, a.repeats)))
+  per_core, render_rates, views_only = {}, {}, {}
+  for mode in modes:
+    cfg.augment_on = mode
+    tag = '' if modes == ['host'] else f' ({mode} augmentation)'
+    for w in [int(x) for x in a.workers.split(',')]:
+      cfg.num_workers = w
+      rows.append((f'pipeline{tag}, {w} worker(s)', _pipeline_rate(source, cfg, a.batch_size, a.batches, a.repeats)))
+    if len(modes) > 1 or mode == 'device':
+      cfg.num_workers, threads = 0, cfg.read_threads
+      cfg.read_threads = 1
+      per_core[mode] = _pipeline_rate(source, cfg, a.batch_size, a.batches, a.repeats)
+      cfg.read_threads = threads
+      views_only[mode] = _views_rate(source, cfg, 4 * a.batch_size, a.repeats)
+      print(f'host, {mode} augmentation, one core (in-process, 1 read thread): {per_core[mode]:.1f} regions/s; '
+            f'views alone (make_views, no loader): {views_only[mode]:.1f} regions/s')
+      if mode == 'device':
+        render_rates[mode] = _render_rate(source, cfg, a.batch_size, a.repeats)
+        print(f'device-side render (jitted augment.render) on this machine: {render_rates[mode]:.1f} regions/s')
+  cfg.augment_on = modes[0]
   consumer = None if a.skip_model else _consumer_rate(cfg, a.model_batch or a.batch_size, a.repeats, a.model, a.dtype)
   best = max(r for _, r in rows)
   print('\n| what | regions/s | ratio to consumer |')
@@ -164,6 +232,23 @@ def main(argv=None) -> int:
     out['tables']['throughput'].append(dict(
         what=f'{a.model} ({a.dtype or "float32"}) student fwd+bwd (2 global + 8 local) + teacher fwd (2 global), '
              f'batch {a.model_batch or a.batch_size}', regions_per_s=consumer, ratio_to_consumer=1.0, consumer=True))
+  if per_core:
+    from muse_jax.data import views  # pylint: disable=g-import-not-at-top
+    bufs = (views.crop_buffer_size(cfg.global_size, cfg), views.crop_buffer_size(cfg.local_size, cfg))
+    feed = []
+    print(f'\n| host cores per accelerator | step regions/s | ' + ' | '.join(f'{m} augmentation' for m in per_core) + ' |')
+    print('| --- | ---: |' + ' ---: |' * len(per_core))
+    for name, rate in step_rates:
+      need = {m: rate / r for m, r in per_core.items()}
+      feed.append(dict(accelerator=name, step_regions_per_s=rate, **{f'cores_{m}': v for m, v in need.items()}))
+      print(f'| {name} | {rate:.0f} | ' + ' | '.join(f'{v:.1f}' for v in need.values()) + ' |')
+    out['tables']['host_per_core'] = [dict(augment_on=m, regions_per_s_per_core=r, views_only_regions_per_s=views_only[m],
+                                           render_regions_per_s=render_rates.get(m),
+                                           crop_buffers=list(bufs) if m == 'device' else None) for m, r in per_core.items()]
+    out['tables']['cores_per_accelerator'] = feed
+    if len(per_core) == 2:
+      print(f"\nper-core host rate, device / host augmentation: {per_core['device'] / per_core['host']:.2f}x "
+            f"(views alone {views_only['device'] / views_only['host']:.2f}x; crop buffers {bufs[0]} / {bufs[1]} px)")
   best_s, pair_s, nl, ng = _shared(source, cfg, 64)
   out['tables']['shared_nuclei'] = [dict(regions=64, shared_local_best_global=best_s, shared_any_pair=pair_s,
                                          nuclei_per_local_view=nl, nuclei_per_global_view=ng)]

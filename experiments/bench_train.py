@@ -10,7 +10,8 @@ batch is the config's for `tiny` and `--vit_batch` for the ViT configs (their co
 is not a CPU workload). Timed: the full jitted train step, and its parts as separate jitted functions: teacher
 forward (backbone + heads on the global views), student forward+backward (backbone + heads on every view, gradient of
 a scalar of the logits w.r.t. the student params), and the losses alone (DINO + NuLo on logits of the step's
-shapes). Each: median wall time of `--repeats` calls after one warm-up call. FLOPs come from XLA's
+shapes); for the configs that render their views in the step (`data.augment_on='device'`: vit_s16, vit_b16, r50),
+also that rendering alone (resize, flips, photometric augmentations of the synthetic crops). Each: median wall time of `--repeats` calls after one warm-up call. FLOPs come from XLA's
 `cost_analysis()` of the compiled function; achieved FLOP/s is compared with the peak of a 2048^3 float32 matmul
 measured in the same run.
 """
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import pretrain
+from muse_jax.pretrain import augment
 from muse_jax.pretrain import losses
 from muse_jax.pretrain import step as step_lib
 from muse_jax.pretrain import train
@@ -82,6 +84,15 @@ def bench_config(name: str, batch: int | None, repeats: int) -> list[dict]:
     return step(st, gb, rng)
   t_full = _median_time(full, repeats)
   f_full = _flops(step, state, gb, rng)
+
+  # data.augment_on='device' (the accelerator recipes): the step renders the views from crops first; time that
+  # part alone and give the other parts the rendered views.
+  parts = []
+  if augment.needs_render(gb):
+    jr = jax.jit(lambda b, k: augment.render(b, k, cfg.data))
+    parts.append(("render views (device augmentation)", _median_time(lambda: jr(gb, rng), repeats),
+                  _flops(jr, gb, rng)))
+    gb = jax.block_until_ready(jr(gb, rng))
 
   def teacher_fwd(tp, tbs, batch):
     g = batch["global"]
@@ -140,7 +151,7 @@ def bench_config(name: str, batch: int | None, repeats: int) -> list[dict]:
   f_loss = _flops(jl, t_cls, s_cls, s_nu)
 
   rows = []
-  for part, t, f in (("full step", t_full, f_full), ("teacher fwd", t_teacher, f_teacher),
+  for part, t, f in (("full step", t_full, f_full), *parts, ("teacher fwd", t_teacher, f_teacher),
                      ("student fwd+bwd", t_student, f_student), ("losses fwd+bwd", t_loss, f_loss)):
     rows.append(dict(config=name, part=part, batch=b, views=views, seconds=t, flops=f,
                      images_per_s=b / t if part == "full step" else float("nan")))

@@ -53,8 +53,8 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     "quick": {
         "bench_backbone": ["--models", "tiny,vit_s16,vit_b16,r50", "--repeats", "3", "--sampler_repeats", "1"],
         "bench_corpus": ["--sizes", "4096", "8192", "--repeats", "1"],
-        "bench_data": ["--batch_size", "8", "--batches", "5", "--repeats", "1", "--workers", "0,1,2",
-                       "--model", "vit_s16", "--model_batch", "1"],
+        "bench_data": ["--batch_size", "8", "--batches", "5", "--repeats", "3", "--workers", "0,1,2",
+                       "--model", "vit_s16", "--model_batch", "1", "--aug", "host,device"],
         "bench_eval": ["--repeats", "1", "--tiles", "20"],
         "bench_predict": ["--variants", "tiny,vit_s16", "--repeats", "1", "--image", "512", "--batch", "2"],
         "bench_slide": ["--sizes", "1024", "2048", "--models", "dots", "tiny", "vit_s16", "--vit-max-size", "1024"],
@@ -107,14 +107,17 @@ def cell(x: Any) -> str:
   return str(x).replace("|", "\\|").replace("\n", " ").strip()
 
 
-def sanitize(obj: Any) -> Any:
-  """NaN/inf -> None, recursively (so that benchmarks.json is standard JSON)."""
+def sanitize(obj: Any, brca: str | None = None) -> Any:
+  """NaN/inf -> None, recursively (so that benchmarks.json is standard JSON); with `brca`, that folder's path is
+  written `<BRCA-M2C>` in every string (commands, sources, printed output: no machine paths in the repository)."""
   if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
     return None
+  if isinstance(obj, str) and brca:
+    return obj.replace(str(pathlib.Path(brca).resolve()), "<BRCA-M2C>").replace(str(brca).rstrip("/"), "<BRCA-M2C>")
   if isinstance(obj, dict):
-    return {k: sanitize(v) for k, v in obj.items()}
+    return {k: sanitize(v, brca) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [sanitize(v) for v in obj]
+    return [sanitize(v, brca) for v in obj]
   return obj
 
 
@@ -204,6 +207,24 @@ def _summary_data(res: dict) -> list[Row]:
       rows.append(_row(f"{r['what']} (source {res.get('source', '?')})", r["regions_per_s"], "regions/s",
                        f"consumer {fmt(consumer['regions_per_s'])} regions/s (target >= 2x)" if consumer else "-",
                        consumer["regions_per_s"] if consumer else None))
+  per_core = {r["augment_on"]: r for r in t.get("host_per_core", [])}
+  host = per_core.get("host")
+  for mode, r in per_core.items():
+    base = host if mode != "host" and host else None
+    rows.append(_row(f"host pipeline per core, {mode} augmentation (in-process, 1 read thread; source "
+                     f"{res.get('source', '?')})", r["regions_per_s_per_core"], "regions/s",
+                     f"host augmentation {fmt(base['regions_per_s_per_core'])} regions/s" if base else "-",
+                     base["regions_per_s_per_core"] if base else None))
+    rows.append(_row(f"make_views alone per core, {mode} augmentation", r["views_only_regions_per_s"], "regions/s",
+                     f"host augmentation {fmt(base['views_only_regions_per_s'])} regions/s" if base else "-",
+                     base["views_only_regions_per_s"] if base else None))
+    if r.get("render_regions_per_s"):
+      rows.append(_row("device-side render (jitted augment.render) on this CPU", r["render_regions_per_s"],
+                       "regions/s"))
+  for r in t.get("cores_per_accelerator", []):
+    for mode in per_core:
+      rows.append(_row(f"host cores to feed {r['accelerator']} at {fmt(r['step_regions_per_s'])} regions/s, {mode} "
+                       "augmentation", r[f"cores_{mode}"], "cores"))
   for r in t.get("shared_nuclei", []):
     rows.append(_row(f"nuclei shared by a local view and its best global view (default recipe, {r['regions']} "
                      "regions)", r["shared_local_best_global"], "nuclei"))
@@ -557,7 +578,7 @@ def run(profile: str, brca: str | None, only: str | None, timeout: float | None,
   new_run = dict(started_utc=run_id, finished_utc=finished.strftime("%Y-%m-%d %H:%M:%S"), command=shown,
                  profile=profile, only=names if only else None, wall_s=time.perf_counter() - t0, load_before=load_before,
                  load_after=list(os.getloadavg()), machine=machine, note=note)
-  data = sanitize(merge(previous, new_run, entries, available))
+  data = sanitize(merge(previous, new_run, entries, available), brca)
   json_path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
   md_path.write_text(render_markdown(data))
   print(f"\nwrote {os.path.relpath(md_path, ROOT)} and {os.path.relpath(json_path, ROOT)} "

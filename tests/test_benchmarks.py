@@ -95,6 +95,23 @@ def test_data_without_brca_says_skipped():
   assert not any(r["what"].startswith("skipped without --brca") for r in rows)
 
 
+def test_data_rows_for_host_and_device_augmentation():
+  res = {"source": "brca:/d", "tables": {
+      "host_per_core": [dict(augment_on="host", regions_per_s_per_core=30.0, views_only_regions_per_s=40.0,
+                             render_regions_per_s=None, crop_buffers=None),
+                        dict(augment_on="device", regions_per_s_per_core=120.0, views_only_regions_per_s=400.0,
+                             render_regions_per_s=15.0, crop_buffers=[453, 197])],
+      "cores_per_accelerator": [dict(accelerator="H100", step_regions_per_s=894.0, cores_host=29.8,
+                                     cores_device=7.45)]}}
+  rows = {r["what"]: r for r in bm.summary_rows(_entry("bench_data", res, brca="/d"))}
+  dev = rows["host pipeline per core, device augmentation (in-process, 1 read thread; source brca:/d)"]
+  assert dev["figure"] == "120" and dev["baseline"] == "host augmentation 30.0 regions/s" and dev["ratio"].startswith("4")
+  assert rows["make_views alone per core, device augmentation"]["ratio"].startswith("10")
+  assert rows["host cores to feed H100 at 894 regions/s, device augmentation"]["figure"] == "7.45"
+  assert rows["host cores to feed H100 at 894 regions/s, host augmentation"]["figure"] == "29.8"
+  assert rows["device-side render (jitted augment.render) on this CPU"]["figure"] == "15.0"
+
+
 def test_markdown_header_summary_and_sections():
   out = "note line\n\n| a | b |\n|---|---|\n| 1 | 2 |\ncommand: python x\n"
   data = {"runs": [_run()], "benchmarks": {"bench_eval": _entry("bench_eval", EVAL_RESULT, stdout=out)}}
@@ -195,3 +212,12 @@ def test_run_one_missing_json_and_timeout(tmp_path):
   assert e["status"] == "failed" and e["reason"].startswith("no readable JSON")
   e = bm.run_one("bench_x", _script(tmp_path, "import time; time.sleep(30)"), timeout=0.5, brca=None, run_id="r")
   assert e["status"] == "failed" and e["reason"] == "timed out after 0.5 s" and e["wall_s"] < 20
+
+
+def test_sanitize_writes_the_brca_folder_as_a_placeholder():
+  data = {"source": "brca:/data/x/BRCA-M2C", "cmd": ["--data", "/data/x/BRCA-M2C/"], "v": float("nan"),
+          "out": "pipeline (source brca:/data/x/BRCA-M2C) 93 regions/s"}
+  s = bm.sanitize(data, "/data/x/BRCA-M2C/")
+  assert s == {"source": "brca:<BRCA-M2C>", "cmd": ["--data", "<BRCA-M2C>/"], "v": None,
+               "out": "pipeline (source brca:<BRCA-M2C>) 93 regions/s"}
+  assert bm.sanitize(data)["source"] == "brca:/data/x/BRCA-M2C"
