@@ -266,7 +266,8 @@ def render(batch: Mapping[str, Any], key: jax.Array, cfg: Mapping[str, Any]) -> 
   for gi, name in enumerate(sorted(batch)):
     grp = dict(batch[name])
     size = int(cfg["global_size"] if name == "global" else cfg["local_size"])
-    images = render_group(grp, jax.random.fold_in(key, gi), name, size, cfg)
+    # Clipped to the uint8 range the host produces (the normalised resize and blur can overshoot by ~1e-5).
+    images = jnp.clip(render_group(grp, jax.random.fold_in(key, gi), name, size, cfg), 0.0, 255.0)
     for k in ("crops", "box", "geom"):
       grp.pop(k)
     grp["images"] = images / 255.0
