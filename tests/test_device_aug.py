@@ -80,7 +80,7 @@ def test_nuclei_stay_on_their_blobs_through_device_resize_flips_rotations_and_co
   cfg.update(augment_on="device", region_mpp=0.5, mpp_range=(0.4, 0.6), global_size=128, local_size=64,
              solarize_p=0.0, color_jitter_p=1.0, grayscale_p=0.5, blur_p=(0.5, 0.5, 0.5), blur_sigma=(0.1, 0.5))
   geoms, checked = set(), 0
-  for seed in range(6):
+  for seed in range(4):
     ex = views.make_views(region, np.random.default_rng(seed), cfg)
     batch = jax.tree.map(lambda a: jnp.asarray(a)[None], ex)
     out = augment.render(batch, jax.random.PRNGKey(seed), cfg)

@@ -1,4 +1,5 @@
-"""End-to-end checks of the pretraining driver on the tiny config with synthetic data (4 fake CPU devices)."""
+"""End-to-end checks of the pretraining driver on the tiny config with synthetic data (4 fake CPU devices), in the
+'device' augmentation layout (the views are rendered in the step)."""
 import json
 import os
 import pathlib
@@ -24,6 +25,11 @@ def small_config(total_steps: int = 6) -> ml_collections.ConfigDict:
   c.data_source = "synthetic"
   c.data.n_global, c.data.global_size, c.data.n_local, c.data.local_size = 2, 64, 1, 32
   c.data.max_nuclei_global, c.data.max_nuclei_local = 8, 4
+  # The accelerator recipes' layout (issue #23): the step renders the views from crops with keys from the step's
+  # RNG, so the resume, device-count and two-process tests below also check that the rendering is exact across
+  # them (compiling it costs about what the host layout does).
+  c.data.augment_on = "device"
+  c.data.blur_p, c.data.solarize_p, c.data.grayscale_p = (1.0, 0.5, 0.5), 0.5, 0.5
   c.synthetic_region_nuclei = 10
   c.batch_size = 4
   c.heads.cls_out_dim, c.heads.nu_out_dim, c.heads.hidden_dim, c.heads.bottleneck_dim = 32, 16, 32, 16
@@ -83,23 +89,6 @@ def test_one_and_four_devices_give_the_same_losses(straight_run, tmp_path):
   four = read_metrics(tmp_path)
   for key in ("loss", "loss_image", "loss_nu", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in four], [r[key] for r in one], rtol=2e-4, atol=1e-5, err_msg=key)
-
-
-def test_device_augmentation_resumes_exactly_on_any_device_count(tmp_path):
-  """data.augment_on='device' (the accelerator recipes): the step renders the views from crops with keys from the
-  step's RNG, so a run on four devices that is stopped and resumed gives the losses of a straight one-device run."""
-  cfg = small_config(total_steps=3)
-  cfg.data.n_local = 0
-  cfg.data.augment_on = "device"
-  cfg.data.blur_p, cfg.data.solarize_p, cfg.data.grayscale_p = (1.0, 0.5, 0.5), 0.5, 0.5
-  one, four = tmp_path / "one", tmp_path / "four"
-  train.run(cfg, one, devices=jax.devices()[:1])
-  train.run(cfg, four, devices=jax.devices()[:4], stop_at_step=2)
-  train.run(cfg, four, devices=jax.devices()[:4])
-  a, b = read_metrics(one), read_metrics(four)
-  assert [r["step"] for r in b] == [1, 2, 3]
-  for key in ("loss", "loss_image", "loss_nu", "grad_norm"):
-    np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=2e-4, atol=1e-5, err_msg=key)
 
 
 def test_fsdp_mesh_shards_large_params_and_runs(tmp_path):
