@@ -32,11 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-AUG_SALT = 0x61756721  # fold_in constant of the step key for the augmentations (distinct from drop-path's 0, 1)
+from muse_jax.data.views import _LUMA, _RGB2YIQ, _YIQ2RGB  # the host's colour constants  # pylint: disable=protected-access
 
-_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = np.linalg.inv(_RGB2YIQ)
-_LUMA = np.array([0.299, 0.587, 0.114])
+AUG_SALT = 0x61756721  # fold_in constant of the step key for the augmentations (distinct from drop-path's 0, 1)
 
 
 def _hed_matrices() -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +105,11 @@ def color_jitter_matrix(mean_rgb: jax.Array, order: jax.Array, factors: jax.Arra
   rot = rot.at[1, 1].set(co).at[1, 2].set(-si).at[2, 1].set(si).at[2, 2].set(co)
   hue_m = jnp.asarray(_YIQ2RGB, jnp.float32) @ rot @ jnp.asarray(_RGB2YIQ, jnp.float32)
   sat_m = sat * eye + (1.0 - sat) * jnp.outer(jnp.ones(3, jnp.float32), luma)
+  ms = jnp.stack([b * eye if enabled[0] else eye, c * eye if enabled[1] else eye,
+                  sat_m if enabled[2] else eye, hue_m if enabled[3] else eye])
   for p in range(4):
     op = order[p]
     gray_mean = luma @ (a @ mean_rgb + t)
-    ms = jnp.stack([b * eye if enabled[0] else eye, c * eye if enabled[1] else eye,
-                    sat_m if enabled[2] else eye, hue_m if enabled[3] else eye])
     ds = jnp.stack([jnp.zeros(3), jnp.full(3, (1.0 - c) * gray_mean) if enabled[1] else jnp.zeros(3),
                     jnp.zeros(3), jnp.zeros(3)]).astype(jnp.float32)
     m, d = ms[op], ds[op]
