@@ -16,7 +16,9 @@ Fields shared by all variants: ``arch`` ('vit' | 'resnet50'), ``name``, ``img_si
 embedding is stored for), ``patch_size`` (16 for ViTs, 32 = total stride for ResNets: input sides must be multiples
 of it), ``map_dim`` (f_map channels), ``cls_dim`` (f_cls size), ``drop_path_rate`` (stochastic depth, ViT only;
 0 as in the released eval construction, DINO pretraining uses 0.1), ``dtype`` ('float32' or 'bfloat16' compute;
-parameters stay float32), ``bn_axis_name`` (None: batch statistics over whatever batch the jitted function sees,
+parameters stay float32), ``conv_impl`` (how the decoder's and ResNet's 3x3 convolutions are computed: 'auto'
+(default: Winograd F(2x2, 3x3) for the large float32 ones on the CPU backend, XLA's convolution elsewhere), 'xla',
+'winograd'; same parameters, same values up to float rounding: ``muse_jax/models/conv.py``), ``bn_axis_name`` (None: batch statistics over whatever batch the jitted function sees,
 i.e. the global batch under jit with a sharded batch).
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   cfg.img_size = 224
   cfg.drop_path_rate = 0.0
   cfg.dtype = "float32"
+  cfg.conv_impl = "auto"
   cfg.bn_axis_name = ml_collections.config_dict.placeholder(str)
   if variant in _VIT:
     d, depth, heads, layers = _VIT[variant]

@@ -4,6 +4,7 @@ Run from the repository root:
 
   .venv/bin/python -m experiments.bench_backbone                       # tiny + vit_s16, batch 8, 224 px, fp32
   .venv/bin/python -m experiments.bench_backbone --models vit_s16,vit_b16,r50 --repeats 5 --skip_sampler
+  .venv/bin/python -m experiments.bench_backbone --models r50 --conv_impl auto,xla     # Winograd vs XLA convs
 
 Backbones: forward (eval mode) and forward+backward (train mode: batch statistics, gradient of a scalar loss w.r.t.
 all parameters) of one jitted function, median of `--repeats` timed calls after one warm-up call (compile excluded).
@@ -37,6 +38,7 @@ import numpy as np
 from configs.models import VARIANTS, get_config
 from muse_jax import ops
 from muse_jax.models import build_backbone
+from muse_jax.models import conv as conv_lib
 
 CPU_SECONDS = {}  # label -> median process CPU seconds per call (all threads), filled by _timeit
 
@@ -86,24 +88,31 @@ def torch_model(variant: str, seed: int = 0):
   return model, jax.tree.map(jnp.asarray, variables)
 
 
-def bench_backbone(variant: str, batch: int, size: int, repeats: int, use_torch: bool = True) -> dict[str, float]:
-  """Returns {'fwd', 'fwd_bwd'} JAX medians and, with PyTorch, {'torch_fwd', 'torch_fwd_bwd'} (wall s)."""
-  module = build_backbone(get_config(variant))
+def bench_backbone(variant: str, batch: int, size: int, repeats: int, use_torch: bool = True,
+                   conv_impls: tuple[str, ...] = ("auto",)) -> dict[str, float]:
+  """JAX medians per `conv_impl` ({'fwd', 'fwd_bwd'} of the first, {'fwd[impl]', 'fwd_bwd[impl]'} of each) and, with
+  PyTorch, {'torch_fwd', 'torch_fwd_bwd'} (wall s), all timed in the same interleaved rounds."""
   images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
   tmodel, variables = torch_model(variant) if use_torch else (None, None)
-  if variables is None:
-    variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(1), images[:1])
-  fwd = jax.jit(functools.partial(module.apply, train=False))
+  fns = {}
+  checks = []
+  for impl in conv_impls:
+    module = build_backbone(get_config(variant), conv_impl=impl)
+    if variables is None:
+      variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(1), images[:1])
+    fwd = jax.jit(functools.partial(module.apply, train=False))
 
-  @jax.jit
-  def fwd_bwd(variables, images):
-    def loss_fn(params):
-      out, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
-                              mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-      return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), upd
-    return jax.grad(loss_fn, has_aux=True)(variables["params"])
+    def fwd_bwd(variables, images, module=module):
+      def loss_fn(params):
+        out, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                                mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+        return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), upd
+      return jax.grad(loss_fn, has_aux=True)(variables["params"])
 
-  fns = {f"{variant} fwd": lambda: fwd(variables, images)}
+    fwd_bwd = jax.jit(fwd_bwd)
+    fns[f"{variant} fwd[{impl}]"] = functools.partial(fwd, variables, images)
+    fns[f"{variant} fwd+bwd[{impl}]"] = functools.partial(fwd_bwd, variables, images)
+    checks.append(fwd)
   if tmodel is not None:
     import torch  # pylint: disable=import-outside-toplevel
     x = torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
@@ -123,15 +132,17 @@ def bench_backbone(variant: str, batch: int, size: int, repeats: int, use_torch:
 
     # Same architecture and weights: the forward outputs agree before anything is timed.
     ref_map, ref_cls = t_fwd()
-    out = fwd(variables, images)
-    np.testing.assert_allclose(np.asarray(out["f_map"]), ref_map.permute(0, 2, 3, 1).numpy(), rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(out["f_cls"]), ref_cls.numpy(), rtol=1e-3, atol=1e-3)
+    for fwd in checks:
+      out = fwd(variables, images)
+      np.testing.assert_allclose(np.asarray(out["f_map"]), ref_map.permute(0, 2, 3, 1).numpy(), rtol=1e-3, atol=1e-3)
+      np.testing.assert_allclose(np.asarray(out["f_cls"]), ref_cls.numpy(), rtol=1e-3, atol=1e-3)
     fns[f"{variant} torch fwd"] = t_fwd
-  fns[f"{variant} fwd+bwd"] = lambda: fwd_bwd(variables, images)
-  if tmodel is not None:
     fns[f"{variant} torch fwd+bwd"] = t_fwd_bwd
   t = _interleaved(fns, repeats)
-  res = {"fwd": t[f"{variant} fwd"], "fwd_bwd": t[f"{variant} fwd+bwd"]}
+  res = {}
+  for impl in conv_impls:
+    res[f"fwd[{impl}]"], res[f"fwd_bwd[{impl}]"] = t[f"{variant} fwd[{impl}]"], t[f"{variant} fwd+bwd[{impl}]"]
+  res["fwd"], res["fwd_bwd"] = res[f"fwd[{conv_impls[0]}]"], res[f"fwd_bwd[{conv_impls[0]}]"]
   if tmodel is not None:
     res.update(torch_fwd=t[f"{variant} torch fwd"], torch_fwd_bwd=t[f"{variant} torch fwd+bwd"])
   return res
@@ -193,6 +204,9 @@ def main() -> None:
   parser.add_argument("--threads", type=int, default=0,
                       help="PyTorch intra-op threads (0: all cores, as XLA's CPU client uses)")
   parser.add_argument("--no_torch", action="store_true", help="skip the same-run PyTorch baseline")
+  parser.add_argument("--conv_impl", default="auto",
+                      help="comma-separated model.conv_impl values to time, each a row (auto, xla, winograd; "
+                           "'auto,xla' shows the Winograd convolutions against XLA's in the same run)")
   parser.add_argument("--sampler_repeats", type=int, default=5)
   parser.add_argument("--skip_sampler", action="store_true")
   parser.add_argument("--json", default=None, help="also write the measured rows and parameters to this JSON file")
@@ -203,6 +217,10 @@ def main() -> None:
   for name in ("repeats", "sampler_repeats", "batch", "size"):
     if getattr(args, name) < 1:
       parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+  conv_impls = tuple(v for v in args.conv_impl.split(",") if v)
+  bad = [v for v in conv_impls if v not in conv_lib.CONV_IMPLS]
+  if bad or not conv_impls:
+    parser.error(f"--conv_impl: expected some of {', '.join(conv_lib.CONV_IMPLS)}; got {args.conv_impl!r}")
   if args.threads < 0:
     parser.error(f"--threads must be >= 0 (0: all cores); got {args.threads}")
   backbone_rows, sampler_rows = [], []
@@ -227,17 +245,20 @@ def main() -> None:
         "| speed-up vs PyTorch fwd / fwd+bwd |")
   print("|---|---|---|---|---|")
   for variant in [v for v in args.models.split(",") if v]:  # --models "" runs the sampler only
-    r = bench_backbone(variant, args.batch, args.size, args.repeats, use_torch=torch_version is not None)
-    t_f, t_fb = r["fwd"], r["fwd_bwd"]
+    r = bench_backbone(variant, args.batch, args.size, args.repeats, use_torch=torch_version is not None,
+                       conv_impls=conv_impls)
     tr_f, tr_fb = r.get("torch_fwd"), r.get("torch_fwd_bwd")
     ref_s = f"{tr_f:.3f} / {tr_fb:.3f}" if tr_f else "-"
-    spd = f"{tr_f / t_f:.2f}x / {tr_fb / t_fb:.2f}x" if tr_f else "-"
-    c_f, c_fb = CPU_SECONDS[f"{variant} fwd"], CPU_SECONDS[f"{variant} fwd+bwd"]
-    print(f"| {variant} | {t_f:.3f} ({c_f:.3f}) | {t_fb:.3f} ({c_fb:.3f}) | {ref_s} | {spd} |", flush=True)
-    backbone_rows.append(dict(model=variant, forward_wall_s=t_f, forward_cpu_s=c_f, fwd_bwd_wall_s=t_fb,
-                              fwd_bwd_cpu_s=c_fb, torch_forward_s=tr_f, torch_fwd_bwd_s=tr_fb,
-                              speedup_vs_torch_forward=tr_f / t_f if tr_f else None,
-                              speedup_vs_torch_fwd_bwd=tr_fb / t_fb if tr_f else None))
+    for impl in conv_impls:
+      t_f, t_fb = r[f"fwd[{impl}]"], r[f"fwd_bwd[{impl}]"]
+      spd = f"{tr_f / t_f:.2f}x / {tr_fb / t_fb:.2f}x" if tr_f else "-"
+      c_f, c_fb = CPU_SECONDS[f"{variant} fwd[{impl}]"], CPU_SECONDS[f"{variant} fwd+bwd[{impl}]"]
+      label = variant if len(conv_impls) == 1 and impl == "auto" else f"{variant} (conv_impl={impl})"
+      print(f"| {label} | {t_f:.3f} ({c_f:.3f}) | {t_fb:.3f} ({c_fb:.3f}) | {ref_s} | {spd} |", flush=True)
+      backbone_rows.append(dict(model=variant, conv_impl=impl, forward_wall_s=t_f, forward_cpu_s=c_f,
+                                fwd_bwd_wall_s=t_fb, fwd_bwd_cpu_s=c_fb, torch_forward_s=tr_f, torch_fwd_bwd_s=tr_fb,
+                                speedup_vs_torch_forward=tr_f / t_f if tr_f else None,
+                                speedup_vs_torch_fwd_bwd=tr_fb / t_fb if tr_f else None))
 
   if not args.skip_sampler:
     b, n, c = 32, 300, 384

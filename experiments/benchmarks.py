@@ -51,7 +51,8 @@ STDERR_TAIL_LINES = 25
 PROFILES: dict[str, dict[str, list[str]]] = {
     "full": {},
     "quick": {
-        "bench_backbone": ["--models", "tiny,vit_s16,vit_b16,r50", "--repeats", "3", "--sampler_repeats", "1"],
+        "bench_backbone": ["--models", "tiny,vit_s16,vit_b16,r50", "--repeats", "3", "--sampler_repeats", "1",
+                           "--conv_impl", "auto,xla"],
         "bench_corpus": ["--sizes", "4096", "8192", "--repeats", "1"],
         "bench_data": ["--batch_size", "8", "--batches", "5", "--repeats", "3", "--workers", "0,1,2",
                        "--model", "vit_s16", "--model_batch", "1", "--aug", "host,device"],
@@ -157,9 +158,10 @@ def _summary_backbone(res: dict) -> list[Row]:
   shape = f"batch {p.get('batch', '?')}, {p.get('size', '?')} px, fp32"
   rows = []
   for r in t.get("backbones", []):
+    impl = f", conv_impl={r['conv_impl']}" if r.get("conv_impl") not in (None, "auto") else ""
     for part, key in (("forward", "forward"), ("fwd+bwd", "fwd_bwd")):
       ref = r.get(f"torch_{key}_s")
-      rows.append(_row(f"{r['model']} backbone {part} ({shape})", r[f"{key}_wall_s"], "s (wall)",
+      rows.append(_row(f"{r['model']} backbone {part} ({shape}{impl})", r[f"{key}_wall_s"], "s (wall)",
                        f"PyTorch {fmt(ref)} s (same run, interleaved)" if ref else "-", ref))
   sampler = t.get("sampler", [])
   base = next((r for r in sampler if r["method"].startswith("vectorised")), None)
@@ -296,7 +298,9 @@ def _summary_train(res: dict) -> list[Row]:
     what = f"pretrain {r['config']} {r['part']} (batch {r['batch']}, {r['views']} views)"
     if r["part"] == "full step":
       rows.append(_row(f"{what}: {fmt(r['seconds'])} s", r["images_per_s"], "regions/s"))
-    rows.append(_row(f"{what}: {fmt(r['seconds'])} s, {fmt(r['gflop'])} GFLOP (XLA)", r["gflop_per_s"], "GFLOP/s",
+    executed = f", {fmt(r['executed_gflop'])} executed" if r.get("executed_gflop") is not None else ""
+    rows.append(_row(f"{what}: {fmt(r['seconds'])} s, {fmt(r['gflop'])} GFLOP (XLA{executed})", r["gflop_per_s"],
+                     "GFLOP/s",
                      f"matmul peak {fmt(peak)} GFLOP/s", peak))
   return rows
 

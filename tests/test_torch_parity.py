@@ -156,11 +156,12 @@ def test_residual_blocks(tiny_vit, tiny_r50):
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize("conv_impl", ["auto", "winograd"])  # tiny channels: 'auto' is XLA's convolution here
 @pytest.mark.parametrize("which", ["tiny_vit", "tiny_r50"])
-def test_full_tiny_backbone_forward(which, request):
+def test_full_tiny_backbone_forward(which, conv_impl, request):
   cfg, model, _, variables = request.getfixturevalue(which)
   x = np.random.default_rng(7).standard_normal((2, 64, 64, 3), dtype=np.float32)
-  out = _apply(build_backbone(cfg), variables, x)
+  out = _apply(build_backbone(cfg, conv_impl=conv_impl), variables, x)
   with torch.no_grad():
     f_map, f_cls = model(_nchw(x))
   np.testing.assert_allclose(np.asarray(out["f_map"]), _nhwc(f_map), atol=5e-5, rtol=5e-5)

@@ -80,20 +80,24 @@ from muse_jax.models.vit import MUSEViT, vit_kwargs
 __all__ = ["build_backbone", "DINOHead", "MUSEViT", "MUSEResNet"]
 
 
+# Fields newer than some saved model configs (exports, resumed runs): an override may add them.
+_ADDED_FIELDS = ("conv_impl",)
+
+
 def build_backbone(model_cfg: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
   """Builds the backbone module of a model config (`configs/models.py`).
 
   Args:
     model_cfg: a model ConfigDict (`arch` 'vit' or 'resnet50').
     **overrides: config fields to replace, e.g. `drop_path_rate=0.1`, `dtype='bfloat16'`, `bn_axis_name='data'`,
-      `cls_mode='add'`.
+      `cls_mode='add'`, `conv_impl='xla'` (a config without the field means 'auto').
 
   Returns:
     A `MUSEViT` or `MUSEResNet` (unbound linen module).
   """
   cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   for k, v in overrides.items():
-    if k not in cfg:
+    if k not in cfg and k not in _ADDED_FIELDS:
       raise ValueError(f"build_backbone: unknown override {k!r}; config fields are {sorted(cfg.keys())}.")
     cfg[k] = v
   if cfg.arch == "vit":

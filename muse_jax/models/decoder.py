@@ -4,7 +4,9 @@ NHWC throughout. Every resize is a bilinear align_corners=True resize to an expl
 so any input side that is a multiple of the encoder's patch size works (the official ViT code breaks at 208 px);
 where the official code's scale factors divide evenly the numbers are the same.
 
-Conv init: PyTorch's default (kaiming_uniform, a = sqrt(5)); BatchNorm gamma 1, beta 0.
+Conv init: PyTorch's default (kaiming_uniform, a = sqrt(5)); BatchNorm gamma 1, beta 0. `conv_impl` ('auto' | 'xla' |
+'winograd'): how the 3x3 convolutions are computed (`muse_jax/models/conv.py`; same parameters, same values up to
+float rounding).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from muse_jax import ops
+from muse_jax.models import conv as conv_lib
 from muse_jax.models.layers import batch_norm, torch_default_kernel_init
 
 
@@ -27,12 +30,14 @@ class ConvLayer(nn.Module):
   act: bool = True
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     k = self.kernel_size
     x = nn.Conv(self.features, (k, k), padding=[(k // 2, k // 2)] * 2, use_bias=False, dtype=self.dtype,
-                kernel_init=torch_default_kernel_init, name="conv")(x)
+                kernel_init=torch_default_kernel_init,
+                conv_general_dilated=conv_lib.conv_fn(self.conv_impl, self.dtype), name="conv")(x)
     x = batch_norm(train, self.bn_axis_name, self.dtype, "bn")(x)
     return nn.relu(x) if self.act else x
 
@@ -44,10 +49,11 @@ class BasicResBlock(nn.Module):
   features: int
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     y = ConvLayer(self.channels, 3, True, name="conv1", **kw)(x, train)
     y = ConvLayer(self.features, 3, False, name="conv2", **kw)(y, train)
     if x.shape[-1] != self.features:
@@ -65,10 +71,11 @@ class UnetBlock(nn.Module):
   features: int
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_de: jax.Array, x_en: jax.Array, train: bool) -> jax.Array:
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     x_de = ops.resize_bilinear_ac(x_de, x_en.shape[1:3])
     x = jnp.concatenate([x_de, x_en.astype(x_de.dtype)], axis=-1)
     x = ConvLayer(self.channels, 3, True, name="first_block", **kw)(x, train)
@@ -81,13 +88,15 @@ class HyperFeats(nn.Module):
   features: int
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], train: bool) -> jax.Array:
     out_hw = feats[0].shape[1:3]
     outs = []
     for i, f in enumerate(feats):
-      y = ConvLayer(self.features, 1, False, self.bn_axis_name, self.dtype, name=f"conv_list_{i}")(f, train)
+      y = ConvLayer(self.features, 1, False, self.bn_axis_name, self.dtype, self.conv_impl, name=f"conv_list_{i}")(
+          f, train)
       outs.append(ops.resize_bilinear_ac(y, out_hw))
     return jnp.concatenate(outs, axis=-1)
 
@@ -109,6 +118,7 @@ class Decoder(nn.Module):
   patch_size: int = 16
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], train: bool) -> jax.Array:
@@ -122,7 +132,7 @@ class Decoder(nn.Module):
         out_hw = (math.floor(g_h * self.patch_size / stride), math.floor(g_w * self.patch_size / stride))
         feats[i] = ops.resize_bilinear_ac(f, out_hw)
     e1, e2, e3, e4 = feats
-    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+    kw = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype, conv_impl=self.conv_impl)
     d3 = UnetBlock(self.dims[2], self.dims[2], name="decoder3", **kw)(e4, e3, train)
     d2 = UnetBlock(self.dims[1], self.dims[1], name="decoder2", **kw)(d3, e2, train)
     d1 = UnetBlock(self.dims[0], self.dims[0], name="decoder1", **kw)(d2, e1, train)

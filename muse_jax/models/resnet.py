@@ -15,14 +15,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from muse_jax.models import conv as conv_lib
 from muse_jax.models.decoder import Decoder
 from muse_jax.models.layers import batch_norm, kaiming_fan_out_init
 from muse_jax.models.vit import check_images
 
 
-def _conv(features: int, k: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+def _conv(features: int, k: int, stride: int, name: str, dtype: Any, conv_impl: str = "auto") -> nn.Conv:
   return nn.Conv(features, (k, k), strides=(stride, stride), padding=[(k // 2, k // 2)] * 2, use_bias=False,
-                 dtype=dtype, kernel_init=kaiming_fan_out_init, name=name)
+                 dtype=dtype, kernel_init=kaiming_fan_out_init,
+                 conv_general_dilated=conv_lib.conv_fn(conv_impl, dtype), name=name)
 
 
 class Bottleneck(nn.Module):
@@ -32,13 +34,14 @@ class Bottleneck(nn.Module):
   stride: int = 1
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out_ch = self.width * 4
     bn = lambda name, zero=False: batch_norm(train, self.bn_axis_name, self.dtype, name, zero)  # noqa: E731
     y = nn.relu(bn("bn1")(_conv(self.width, 1, 1, "conv1", self.dtype)(x)))
-    y = nn.relu(bn("bn2")(_conv(self.width, 3, self.stride, "conv2", self.dtype)(y)))
+    y = nn.relu(bn("bn2")(_conv(self.width, 3, self.stride, "conv2", self.dtype, self.conv_impl)(y)))
     y = bn("bn3", True)(_conv(out_ch, 1, 1, "conv3", self.dtype)(y))
     if self.stride != 1 or x.shape[-1] != out_ch:
       x = bn("downsample_bn")(_conv(out_ch, 1, self.stride, "downsample_conv", self.dtype)(x))
@@ -52,6 +55,7 @@ class ResNet(nn.Module):
   stage_depths: tuple[int, ...] = (3, 4, 6, 3)
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
@@ -62,8 +66,8 @@ class ResNet(nn.Module):
     for s, n in enumerate(self.stage_depths):
       for j in range(n):
         stride = 2 if (s > 0 and j == 0) else 1
-        x = Bottleneck(self.stem_width * 2 ** s, stride, self.bn_axis_name, self.dtype, name=f"layer{s + 1}_{j}")(
-            x, train)
+        x = Bottleneck(self.stem_width * 2 ** s, stride, self.bn_axis_name, self.dtype, self.conv_impl,
+                       name=f"layer{s + 1}_{j}")(x, train)
       outs.append(x)
     return outs
 
@@ -79,15 +83,16 @@ class MUSEResNet(nn.Module):
   stage_depths: tuple[int, ...] = (3, 4, 6, 3)
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     check_images(images, 32)
-    feats = ResNet(self.stem_width, tuple(self.stage_depths), self.bn_axis_name, self.dtype, name="encoder")(
-        images, train)
+    feats = ResNet(self.stem_width, tuple(self.stage_depths), self.bn_axis_name, self.dtype, self.conv_impl,
+                   name="encoder")(images, train)
     dims = tuple(f.shape[-1] for f in feats)
     f_map = Decoder(dims, dims[-1] // 8, reassemble=False, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                    name="decoder")(feats, train)
+                    conv_impl=self.conv_impl, name="decoder")(feats, train)
     f_cls = jnp.mean(feats[-1].astype(jnp.float32), axis=(1, 2))
     return {"f_map": f_map.astype(jnp.float32), "f_cls": f_cls}
 
@@ -95,4 +100,4 @@ class MUSEResNet(nn.Module):
 def resnet_kwargs(cfg: Any) -> dict[str, Any]:
   """MUSEResNet constructor arguments from a model config (see `configs/models.py`)."""
   return dict(stem_width=cfg.stem_width, stage_depths=tuple(cfg.stage_depths), bn_axis_name=cfg.bn_axis_name,
-              dtype=jnp.dtype(cfg.dtype))
+              dtype=jnp.dtype(cfg.dtype), conv_impl=cfg.get("conv_impl", "auto"))

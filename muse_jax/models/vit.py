@@ -191,6 +191,7 @@ class MUSEViT(nn.Module):
   drop_path_rate: float = 0.0
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -203,7 +204,7 @@ class MUSEViT(nn.Module):
     d = self.embed_dim
     dims = tuple(int(d * r) for r in self.dim_ratios)
     f_map = Decoder(dims, d // 4, reassemble=True, patch_size=self.patch_size, bn_axis_name=self.bn_axis_name,
-                    dtype=self.dtype, name="decoder")(maps, train)
+                    dtype=self.dtype, conv_impl=self.conv_impl, name="decoder")(maps, train)
     return {"f_map": f_map.astype(jnp.float32), "f_cls": f_cls.astype(jnp.float32)}
 
 
@@ -212,5 +213,6 @@ def vit_kwargs(cfg: Any) -> dict[str, Any]:
   return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
               img_size=cfg.img_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
               extract_layers=tuple(cfg.extract_layers), cls_mode=cfg.cls_mode, dim_ratios=tuple(cfg.dim_ratios),
-              drop_path_rate=float(cfg.drop_path_rate), bn_axis_name=cfg.bn_axis_name, dtype=jnp.dtype(cfg.dtype))
+              drop_path_rate=float(cfg.drop_path_rate), bn_axis_name=cfg.bn_axis_name, dtype=jnp.dtype(cfg.dtype),
+              conv_impl=cfg.get("conv_impl", "auto"))
 

@@ -60,7 +60,8 @@ RULES: dict[str, config_check.Rule] = {
     "model.name": C.string(nonempty=True), "model.arch": C.choice("vit", "resnet50"),
     "model.img_size": C.integer(1), "model.patch_size": C.integer(1), "model.map_dim": C.integer(1),
     "model.cls_dim": C.integer(1), "model.drop_path_rate": C.number(0, 1, hi_open=True),
-    "model.dtype": C.choice("float32", "bfloat16"), "model.bn_axis_name": C.optional(C.string()),
+    "model.dtype": C.choice("float32", "bfloat16"), "model.conv_impl": C.choice("auto", "xla", "winograd"),
+    "model.bn_axis_name": C.optional(C.string()),
     "model.embed_dim": C.integer(1), "model.depth": C.integer(1), "model.num_heads": C.integer(1),
     "model.mlp_ratio": C.positive(), "model.qkv_bias": C.boolean(),
     "model.extract_layers": C.sequence(C.integer(0)), "model.cls_mode": C.choice("ignore", "add", "proj"),
@@ -117,7 +118,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "optim.teacher_half_life_frac": 0.0, "data.color_aug": "rgb", "data.global_in_global": False,
     "data.blur_sigma_um": None, "loss.image_targets": "center", "loss.nu_targets": "center",
     "loss.sinkhorn_iters": 3, "loss.w_koleo_nu": 0.0, "synthetic_region_nuclei": 32, "data.augment_on": "host",
-    "data.device_crop_factor": None,
+    "data.device_crop_factor": None, "model.conv_impl": "xla",
 }
 _OPTIONAL_FIELDS = (set(LEGACY_DEFAULTS) | {f for f in RULES if f.startswith("health.")}
                     | {f"model.{k}" for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
@@ -129,7 +130,7 @@ _OPTIONAL_FIELDS = (set(LEGACY_DEFAULTS) | {f for f in RULES if f.startswith("he
 # would mix two runs in one workdir.
 RESUMABLE: tuple[str, ...] = ("total_steps", "num_epochs", "log_every_steps", "progress_bar",
                               "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "mesh.",
-                              "health.", "data.read_threads", "data.read_buffer")
+                              "health.", "data.read_threads", "data.read_buffer", "model.conv_impl")
 
 
 def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = False) -> None:

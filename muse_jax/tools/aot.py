@@ -313,9 +313,14 @@ def compile_spec(spec: StepSpec) -> tuple[Any, CompileResult]:
     AotError: a sharding that does not fit the arguments (e.g. a batch the mesh does not divide), with the
       argument named.
   """
+  # pylint: disable-next=import-outside-toplevel
+  from muse_jax.models import conv as conv_lib
   t0 = time.perf_counter()
   try:
-    compiled = spec.jitted.lower(*spec.args).compile()
+    # The program is traced for the mesh's platform (conv_impl 'auto' is XLA's convolution on TPU, not the CPU
+    # host's Winograd route).
+    with conv_lib.target_platform(spec.mesh.devices.flat[0].platform):
+      compiled = spec.jitted.lower(*spec.args).compile()
   except ValueError as e:
     if _SHARD_MSG.search(str(e)):
       bad = _undivided_args(spec.args)

@@ -1,0 +1,160 @@
+"""Winograd F(2x2, 3x3) convolutions (`muse_jax/models/conv.py`) against XLA's direct convolution."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from configs.models import get_config
+from muse_jax.models import build_backbone
+from muse_jax.models import conv as conv_lib
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _direct(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN,
+                                  precision=lax.Precision.HIGHEST)
+
+
+def _np_conv(x, w):
+  """float64 numpy reference: 'same' 3x3 cross-correlation, zero padding 1."""
+  b, h, wd, _ = x.shape
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = np.zeros((b, h, wd, w.shape[-1]))
+  for i in range(3):
+    for j in range(3):
+      out += np.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + wd], w[i, j].astype(np.float64))
+  return out
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 5, 7), (1, 7, 5, 3, 4), (3, 1, 1, 2, 2), (1, 2, 3, 1, 1),
+                                   (2, 13, 9, 16, 8)])
+def test_winograd_equals_the_direct_convolution_any_side(shape):
+  b, h, w, ci, co = shape
+  rng = np.random.RandomState(sum(shape))
+  x = rng.randn(b, h, w, ci).astype(np.float32)
+  k = rng.randn(3, 3, ci, co).astype(np.float32)
+  ref = _np_conv(x, k)
+  out = np.asarray(jax.jit(conv_lib.winograd_conv3x3)(x, k))
+  assert out.shape == (b, h, w, co) and out.dtype == np.float32
+  scale = np.abs(ref).max()
+  np.testing.assert_allclose(out / scale, ref / scale, atol=2e-6)
+  # and the direct float32 convolution is as far from float64 as Winograd is (same rounding class)
+  np.testing.assert_allclose(np.asarray(_direct(x, k)) / scale, ref / scale, atol=2e-6)
+
+
+def test_winograd_gradients_equal_the_direct_ones():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 10, 6, 12).astype(np.float32))
+  k = jnp.asarray((rng.randn(3, 3, 12, 9) / 6).astype(np.float32))
+  dy = jnp.asarray(rng.randn(2, 10, 6, 9).astype(np.float32))
+  vjp = lambda f: jax.jit(lambda x, k, dy: jax.vjp(f, x, k)[1](dy))  # noqa: E731
+  (dx_w, dk_w), (dx_d, dk_d) = vjp(conv_lib.winograd_conv3x3)(x, k, dy), vjp(_direct)(x, k, dy)
+  for a, b in ((dx_w, dx_d), (dk_w, dk_d)):
+    s = float(jnp.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a) / s, np.asarray(b) / s, atol=2e-6)
+  # the gradient is Winograd too: no convolution in the backward program
+  jaxpr = str(jax.make_jaxpr(vjp(conv_lib.winograd_conv3x3))(x, k, dy))
+  assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def _uses_winograd(fn, *args) -> bool:
+  jaxpr = str(jax.make_jaxpr(fn)(*args))
+  return "conv_general_dilated" not in jaxpr
+
+
+@pytest.mark.parametrize("kwargs,eligible", [
+    (dict(), True),
+    (dict(window_strides=(2, 2)), False),
+    (dict(padding="SAME"), False),  # string padding: left to XLA
+    (dict(padding=((0, 0), (0, 0))), False),
+    (dict(rhs_dilation=(2, 2)), False),
+    (dict(lhs_dilation=(2, 2)), False),
+    (dict(feature_group_count=2), False),
+    (dict(kernel=1), False),
+    (dict(precision=lax.Precision.HIGHEST), False),
+])
+def test_only_same_3x3_stride_1_convolutions_take_the_winograd_route(kwargs, eligible):
+  kwargs = {"window_strides": (1, 1), "padding": ((1, 1), (1, 1)), **kwargs}
+  ksz = kwargs.pop("kernel", 3)
+  groups = kwargs.get("feature_group_count", 1)
+  x = jnp.ones((1, 8, 8, 4))
+  k = jnp.ones((ksz, ksz, 4 // groups, 4))
+  dn = lax.conv_dimension_numbers(x.shape, k.shape, _DN)
+  fn = lambda x, k: conv_lib.conv_general_dilated(x, k, dimension_numbers=dn, impl="winograd", **kwargs)  # noqa
+  assert _uses_winograd(fn, x, k) == eligible
+  ref = lax.conv_general_dilated(x, k, dimension_numbers=dn, **kwargs)
+  np.testing.assert_allclose(fn(x, k), ref, rtol=1e-6)
+
+
+def test_auto_rule_takes_winograd_for_large_channel_counts_only():
+  dn = lax.conv_dimension_numbers((1, 8, 8, 1), (3, 3, 1, 1), _DN)
+  conv = lambda x, k: conv_lib.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn,  # noqa
+                                                    impl="rule")
+  big = jax.ShapeDtypeStruct((1, 8, 8, 192), jnp.float32), jax.ShapeDtypeStruct((3, 3, 192, 192), jnp.float32)
+  small = jax.ShapeDtypeStruct((1, 8, 8, 96), jnp.float32), jax.ShapeDtypeStruct((3, 3, 96, 96), jnp.float32)
+  tiny_map = jax.ShapeDtypeStruct((1, 7, 7, 512), jnp.float32), jax.ShapeDtypeStruct((3, 3, 512, 512), jnp.float32)
+  assert _uses_winograd(conv, *big)          # harmonic mean 96
+  assert not _uses_winograd(conv, *small)    # 48
+  assert not _uses_winograd(conv, *tiny_map)  # sides < 8
+  assert conv_lib.winograd_pays((8, 56, 56, 768), (3, 3, 768, 256))
+  assert not conv_lib.winograd_pays((8, 56, 56, 288), (3, 3, 288, 96))
+
+
+def test_resolve_auto_by_platform_and_dtype():
+  assert jax.default_backend() == "cpu"
+  assert conv_lib.resolve("auto", jnp.float32) == "rule"
+  assert conv_lib.resolve("auto", jnp.bfloat16) == "xla"
+  assert conv_lib.resolve("xla", jnp.float32) == "xla"
+  assert conv_lib.resolve("winograd", jnp.bfloat16) == "winograd"
+  for platform in ("tpu", "gpu"):
+    with conv_lib.target_platform(platform):
+      assert conv_lib.resolve("auto", jnp.float32) == "xla"
+  assert conv_lib.resolve("auto", jnp.float32) == "rule"
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    conv_lib.resolve("fast", jnp.float32)
+
+
+def test_backbone_with_winograd_convs_matches_xla_convs_in_value_and_gradient():
+  """Same parameters, same outputs and gradients (train mode, batch statistics) up to float rounding.
+
+  tiny_r50 has both kinds of 3x3 convolution (the bottlenecks' and the decoder's, which the ViTs share)."""
+  variant = "tiny_r50"
+  images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  mods = {impl: build_backbone(get_config(variant), conv_impl=impl) for impl in ("xla", "winograd")}
+  variables = jax.jit(functools.partial(mods["xla"].init, train=False))(jax.random.key(0), images)
+
+  def run(module):
+    def loss(params):
+      out, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                            mutable=["batch_stats"])
+      return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), out
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+  (lx, ox), gx = run(mods["xla"])
+  (lw, ow), gw = run(mods["winograd"])
+  np.testing.assert_allclose(ow["f_map"], ox["f_map"], atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(lw, lx, rtol=1e-5)
+  # gradients to 1e-5 of the largest one (kernels feeding a train-mode BN have near-zero gradients whose digits are
+  # rounding noise for either route)
+  scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gx))
+  for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gx)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+  # the Winograd build has fewer convolutions left than the XLA one
+  n_conv = lambda m: str(jax.make_jaxpr(m.apply)(variables, images)).count("conv_general_dilated")  # noqa: E731
+  assert n_conv(mods["winograd"]) < n_conv(mods["xla"])
+
+
+def test_aot_compiles_auto_as_xla_convolutions_for_the_target_platform():
+  """`target_platform` (used by muse_jax.tools.aot) decides 'auto' at trace time, not the host's backend."""
+  module = build_backbone(get_config("tiny_r50"), conv_impl="winograd")
+  forced = str(jax.make_jaxpr(module.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  auto = build_backbone(get_config("tiny_r50"))
+  with conv_lib.target_platform("tpu"):
+    tpu = str(jax.make_jaxpr(auto.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  xla = str(jax.make_jaxpr(build_backbone(get_config("tiny_r50"), conv_impl="xla").init)(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert tpu.count("conv_general_dilated") == xla.count("conv_general_dilated") > forced.count("conv_general_dilated")
