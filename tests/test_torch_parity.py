@@ -156,8 +156,9 @@ def test_residual_blocks(tiny_vit, tiny_r50):
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
 
 
-@pytest.mark.parametrize("conv_impl", ["auto", "winograd"])  # tiny channels: 'auto' is XLA's convolution here
-@pytest.mark.parametrize("which", ["tiny_vit", "tiny_r50"])
+# tiny channels: 'auto' is XLA's convolution here; 'winograd' (tiny_r50: bottleneck and decoder 3x3 convolutions, the
+# decoder being the ViTs' too) checks the Winograd route against PyTorch.
+@pytest.mark.parametrize("which,conv_impl", [("tiny_vit", "auto"), ("tiny_r50", "auto"), ("tiny_r50", "winograd")])
 def test_full_tiny_backbone_forward(which, conv_impl, request):
   cfg, model, _, variables = request.getfixturevalue(which)
   x = np.random.default_rng(7).standard_normal((2, 64, 64, 3), dtype=np.float32)
