@@ -18,8 +18,9 @@ of it), ``map_dim`` (f_map channels), ``cls_dim`` (f_cls size), ``drop_path_rate
 0 as in the released eval construction, DINO pretraining uses 0.1), ``dtype`` ('float32' or 'bfloat16' compute;
 parameters stay float32), ``conv_impl`` (how the decoder's and ResNet's 3x3 convolutions are computed: 'auto'
 (default: Winograd F(2x2, 3x3) for the large float32 ones on the CPU backend, XLA's convolution elsewhere), 'xla',
-'winograd'; same parameters, same values up to float rounding: ``muse_jax/models/conv.py``), ``bn_axis_name`` (None: batch statistics over whatever batch the jitted function sees,
-i.e. the global batch under jit with a sharded batch).
+'winograd'; same parameters, same values up to float rounding: ``muse_jax/models/conv.py``), ``bn_axis_name``
+(None: batch statistics over whatever batch the jitted function sees, i.e. the global batch under jit with a sharded
+batch).
 """
 from __future__ import annotations
 

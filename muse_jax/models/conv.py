@@ -58,7 +58,7 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
   th, tw = -(-h // 2), -(-wd // 2)  # output tiles per column / row
   xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - wd), (0, 0)))  # [B, 2 th + 2, 2 tw + 2, C]
 
-  def data_transform(r0, r1, r2, r3):  # B^T d (rows of a 4-tap tile) with B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]
+  def data_transform(r0, r1, r2, r3):  # B^T d over 4 taps, B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]
     return (r0 - r2, r1 + r2, r2 - r1, r1 - r3)
 
   rows = data_transform(*(xp[:, i:i + 2 * th:2] for i in range(4)))  # 4 x [B, th, 2 tw + 2, C]
