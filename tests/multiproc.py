@@ -14,7 +14,10 @@ def launch_two_workers(worker_code: str, workdir) -> list[subprocess.Popen]:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   code = worker_code.replace("REPO", repr(str(REPO))).replace("TESTS", repr(str(REPO / "tests")))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  # 2 fake devices each; the test session's other XLA flags (conftest.py: code generation level) are kept.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=2", *flags]), JAX_PLATFORMS="cpu")
   return [subprocess.Popen([sys.executable, "-c", code, str(i), str(port), str(workdir)], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
