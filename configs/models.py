@@ -16,9 +16,10 @@ Fields shared by all variants: ``arch`` ('vit' | 'resnet50'), ``name``, ``img_si
 embedding is stored for), ``patch_size`` (16 for ViTs, 32 = total stride for ResNets: input sides must be multiples
 of it), ``map_dim`` (f_map channels), ``cls_dim`` (f_cls size), ``drop_path_rate`` (stochastic depth, ViT only;
 0 as in the released eval construction, DINO pretraining uses 0.1), ``dtype`` ('float32' or 'bfloat16' compute;
-parameters stay float32), ``conv_impl`` (how the decoder's and ResNet's 3x3 convolutions are computed: 'auto'
-(default: Winograd F(2x2, 3x3) for the large float32 ones on the CPU backend, XLA's convolution elsewhere), 'xla',
-'winograd'; same parameters, same values up to float rounding: ``muse_jax/models/conv.py``), ``bn_axis_name``
+parameters stay float32), ``conv_impl`` (how the decoder's and ResNet's 3x3 and 1x1 convolutions are computed:
+'auto' (default: on the CPU backend in float32, Winograd F(2x2, 3x3) for the large 3x3 ones and one matmul per 1x1
+one; XLA's convolution elsewhere), 'xla', 'winograd' (both routes wherever they apply); same parameters, same values
+up to float rounding: ``muse_jax/models/conv.py``), ``bn_axis_name``
 (None: batch statistics over whatever batch the jitted function sees, i.e. the global batch under jit with a sharded
 batch).
 """

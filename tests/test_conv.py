@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolutions (`muse_jax/models/conv.py`) against XLA's direct convolution."""
+"""Winograd F(2x2, 3x3) and 1x1-as-matmul convolutions (`muse_jax/models/conv.py`) against XLA's convolution."""
 import functools
 
 import jax
@@ -156,10 +156,64 @@ def test_modules_with_winograd_convs_match_xla_convs_in_value_and_gradient():
   scale = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gx))
   for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gx)):
     np.testing.assert_allclose(a, b, atol=1e-5 * scale)
-  # every 3x3 stride-1 convolution (4) took the Winograd route: only the bottleneck's two 1x1 convolutions are left
+  # every 3x3 stride-1 convolution (4) took the Winograd route and the bottleneck's two 1x1 convolutions the matmul
   n_conv = lambda m: str(jax.make_jaxpr(lambda v: m.apply(v, x, skip, False))(variables)).count(  # noqa: E731
       "conv_general_dilated")
-  assert n_conv(mods["xla"]) == 6 and n_conv(mods["winograd"]) == 2
+  assert n_conv(mods["xla"]) == 6 and n_conv(mods["winograd"]) == 0
+
+
+@pytest.mark.parametrize("shape,strides,padding", [
+    ((2, 8, 8, 5, 7), (1, 1), ((0, 0), (0, 0))),
+    ((2, 8, 8, 5, 7), (2, 2), ((0, 0), (0, 0))),
+    ((1, 7, 5, 3, 4), (2, 2), "VALID"),
+    ((1, 7, 5, 3, 4), (2, 2), "SAME"),
+    ((3, 9, 6, 4, 2), (2, 1), ((0, 0), (0, 0))),
+    ((1, 1, 1, 2, 3), (1, 1), "SAME"),
+])
+def test_pointwise_matmul_equals_the_1x1_convolution_in_value_and_gradient(shape, strides, padding):
+  b, h, w, ci, co = shape
+  x = jax.random.normal(jax.random.key(0), (b, h, w, ci))
+  k = jax.random.normal(jax.random.key(1), (1, 1, ci, co))
+  dn = lax.conv_dimension_numbers(x.shape, k.shape, _DN)
+  ref_fn = lambda x, k: lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn,  # noqa: E731
+                                                 precision=lax.Precision.HIGHEST)
+  fn = lambda x, k: conv_lib.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn,  # noqa: E731
+                                                  impl="rule")
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, k))
+  out, ref = fn(x, k), ref_fn(x, k)
+  assert out.shape == ref.shape == (b, -(-h // strides[0]), -(-w // strides[1]), co)
+  expect = np.einsum("bhwc,co->bhwo", np.asarray(x, np.float64)[:, ::strides[0], ::strides[1]],
+                     np.asarray(k, np.float64)[0, 0])
+  np.testing.assert_allclose(out, expect, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+  cot = jax.random.normal(jax.random.key(2), out.shape)
+  for a, r in zip(jax.vjp(fn, x, k)[1](cot), jax.vjp(ref_fn, x, k)[1](cot)):
+    np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,matmul", [
+    (dict(), True),
+    (dict(window_strides=(2, 2)), True),
+    (dict(padding=((1, 1), (1, 1))), False),  # a padded 1x1 convolution (zero border): left to XLA
+    (dict(rhs_dilation=(2, 2)), False),  # no effect on a 1x1 window, but only (1, 1) / None pass the check
+    (dict(lhs_dilation=(2, 2)), False),
+    (dict(feature_group_count=2), False),
+    (dict(kernel=3, padding=((0, 0), (0, 0))), False),
+    (dict(precision=lax.Precision.HIGHEST), False),
+    (dict(impl="xla"), False),
+])
+def test_only_unpadded_1x1_convolutions_take_the_matmul_route(kwargs, matmul):
+  kwargs = {"window_strides": (1, 1), "padding": ((0, 0), (0, 0)), "impl": "rule", **kwargs}
+  ksz = kwargs.pop("kernel", 1)
+  groups = kwargs.get("feature_group_count", 1)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+  k = jax.random.normal(jax.random.key(1), (ksz, ksz, 4 // groups, 4))
+  dn = lax.conv_dimension_numbers(x.shape, k.shape, _DN)
+  impl = kwargs.pop("impl")
+  fn = lambda x, k: conv_lib.conv_general_dilated(x, k, dimension_numbers=dn, impl=impl, **kwargs)  # noqa: E731
+  assert ("conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, k))) == matmul
+  ref = lax.conv_general_dilated(x, k, dimension_numbers=dn, **kwargs)
+  np.testing.assert_allclose(fn(x, k), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_aot_compiles_auto_as_xla_convolutions_for_the_target_platform():

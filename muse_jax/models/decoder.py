@@ -127,7 +127,7 @@ class Decoder(nn.Module):
     if self.reassemble:
       for i, (f, stride) in enumerate(zip(feats, (4, 8, 16, 32))):
         f = nn.Conv(self.dims[i], (1, 1), use_bias=False, dtype=self.dtype, kernel_init=torch_default_kernel_init,
-                    name=f"dim_map_layers_{i}")(f)
+                    conv_general_dilated=conv_lib.conv_fn(self.conv_impl, self.dtype), name=f"dim_map_layers_{i}")(f)
         g_h, g_w = f.shape[1:3]
         out_hw = (math.floor(g_h * self.patch_size / stride), math.floor(g_w * self.patch_size / stride))
         feats[i] = ops.resize_bilinear_ac(f, out_hw)

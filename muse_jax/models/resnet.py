@@ -40,11 +40,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out_ch = self.width * 4
     bn = lambda name, zero=False: batch_norm(train, self.bn_axis_name, self.dtype, name, zero)  # noqa: E731
-    y = nn.relu(bn("bn1")(_conv(self.width, 1, 1, "conv1", self.dtype)(x)))
+    y = nn.relu(bn("bn1")(_conv(self.width, 1, 1, "conv1", self.dtype, self.conv_impl)(x)))
     y = nn.relu(bn("bn2")(_conv(self.width, 3, self.stride, "conv2", self.dtype, self.conv_impl)(y)))
-    y = bn("bn3", True)(_conv(out_ch, 1, 1, "conv3", self.dtype)(y))
+    y = bn("bn3", True)(_conv(out_ch, 1, 1, "conv3", self.dtype, self.conv_impl)(y))
     if self.stride != 1 or x.shape[-1] != out_ch:
-      x = bn("downsample_bn")(_conv(out_ch, 1, self.stride, "downsample_conv", self.dtype)(x))
+      x = bn("downsample_bn")(_conv(out_ch, 1, self.stride, "downsample_conv", self.dtype, self.conv_impl)(x))
     return nn.relu(y + x)
 
 
