@@ -24,7 +24,7 @@ float32; `tests/test_models.py`), so imported weights keep their outputs within 
 1x1 convolutions (the ResNet bottlenecks' conv1 / conv3 / strided downsample, the decoder's shortcuts, reassembly and
 hyper-feature projections): where 'auto' resolves to the CPU rule, and with 'winograd', they run as one matmul
 `x[:, ::s, ::s] @ w[0, 0]` (`pointwise_conv`): the same sums, and XLA:CPU lowers the matmul and its two gradients
-to its GEMM, where its 1x1 convolution (mostly the backward) ran 1.4-3.7x slower fwd+bwd at the R50 shapes.
+to its GEMM, where its 1x1 convolution (mostly the backward) ran 1.5-3.7x slower fwd+bwd at the R50 shapes.
 """
 from __future__ import annotations
 
