@@ -156,8 +156,8 @@ def test_residual_blocks(tiny_vit, tiny_r50):
   np.testing.assert_allclose(np.asarray(ours), ref, atol=ATOL, rtol=ATOL)
 
 
-# tiny channels: 'auto' is XLA's convolution here; 'winograd' (tiny_r50: bottleneck and decoder 3x3 convolutions, the
-# decoder being the ViTs' too) checks the Winograd route against PyTorch.
+# tiny channels: under 'auto' the 3x3 convolutions are XLA's and the 1x1 ones matmuls; 'winograd' (tiny_r50:
+# bottleneck and decoder 3x3 convolutions, the decoder being the ViTs' too) checks the Winograd route against PyTorch.
 @pytest.mark.parametrize("which,conv_impl", [("tiny_vit", "auto"), ("tiny_r50", "auto"), ("tiny_r50", "winograd")])
 def test_full_tiny_backbone_forward(which, conv_impl, request):
   cfg, model, _, variables = request.getfixturevalue(which)

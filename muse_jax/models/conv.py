@@ -86,33 +86,37 @@ def winograd_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
   return y.reshape(b, 2 * th, 2 * tw, co)[:, :h, :wd]
 
 
-def eligible(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides, padding, lhs_dilation,
-             rhs_dilation, dimension_numbers, feature_group_count: int, batch_group_count: int) -> bool:
-  """Whether a `lax.conv_general_dilated` call is a 'same' 3x3 stride-1 NHWC / HWIO convolution Winograd computes."""
+def _plain_2d(lhs_shape: Sequence[int], rhs_shape: Sequence[int], lhs_dilation, rhs_dilation, dimension_numbers,
+              feature_group_count: int, batch_group_count: int) -> bool:
+  """A 2-D NHWC / HWIO convolution with no dilation, one group and no batch groups."""
   ones = (None, (1, 1), [1, 1])
   dn = dimension_numbers
   if isinstance(dn, lax.ConvDimensionNumbers):
     dn = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec))
-  return (len(lhs_shape) == 4 and tuple(rhs_shape[:2]) == (3, 3) and tuple(window_strides) == (1, 1)
-          and not isinstance(padding, str) and [tuple(p) for p in padding] == [(1, 1), (1, 1)]
+  return (len(lhs_shape) == 4 and len(rhs_shape) == 4
           and (lhs_dilation in ones or tuple(lhs_dilation) == (1, 1))
           and (rhs_dilation in ones or tuple(rhs_dilation) == (1, 1))
           and dn == _NHWC_HWIO and feature_group_count == 1 and batch_group_count == 1)
+
+
+def eligible(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides, padding, lhs_dilation,
+             rhs_dilation, dimension_numbers, feature_group_count: int, batch_group_count: int) -> bool:
+  """Whether a `lax.conv_general_dilated` call is a 'same' 3x3 stride-1 NHWC / HWIO convolution Winograd computes."""
+  return (_plain_2d(lhs_shape, rhs_shape, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                    batch_group_count)
+          and tuple(rhs_shape[:2]) == (3, 3) and tuple(window_strides) == (1, 1)
+          and not isinstance(padding, str) and [tuple(p) for p in padding] == [(1, 1), (1, 1)])
 
 
 def pointwise_eligible(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides, padding, lhs_dilation,
                        rhs_dilation, dimension_numbers, feature_group_count: int, batch_group_count: int) -> bool:
   """Whether a `lax.conv_general_dilated` call is a 1x1 NHWC / HWIO convolution with no padding (any stride)."""
-  ones = (None, (1, 1), [1, 1])
-  dn = dimension_numbers
-  if isinstance(dn, lax.ConvDimensionNumbers):
-    dn = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec))
+  del window_strides  # any stride: `pointwise_conv` subsamples
   no_pad = padding in ("VALID", "SAME") or (not isinstance(padding, str)
                                             and [tuple(p) for p in padding] == [(0, 0), (0, 0)])
-  return (len(lhs_shape) == 4 and len(rhs_shape) == 4 and tuple(rhs_shape[:2]) == (1, 1) and no_pad
-          and (lhs_dilation in ones or tuple(lhs_dilation) == (1, 1))
-          and (rhs_dilation in ones or tuple(rhs_dilation) == (1, 1))
-          and dn == _NHWC_HWIO and feature_group_count == 1 and batch_group_count == 1)
+  return (_plain_2d(lhs_shape, rhs_shape, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                    batch_group_count)
+          and tuple(rhs_shape[:2]) == (1, 1) and no_pad)
 
 
 def pointwise_conv(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1)) -> jax.Array:
