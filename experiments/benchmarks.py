@@ -54,6 +54,8 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "bench_backbone": ["--models", "tiny,vit_s16,vit_b16,r50", "--repeats", "3", "--sampler_repeats", "1",
                            "--conv_impl", "auto,xla"],
         "bench_corpus": ["--sizes", "4096", "8192", "--repeats", "1"],
+        "bench_host_malloc": ["--what", "backbone:vit_s16,backbone:r50,pretrain:vit_s16", "--rounds", "2",
+                              "--repeats", "3"],
         "bench_data": ["--batch_size", "8", "--batches", "5", "--repeats", "3", "--workers", "0,1,2",
                        "--model", "vit_s16", "--model_batch", "1", "--aug", "host,device"],
         "bench_eval": ["--repeats", "1", "--tiles", "20"],
@@ -64,6 +66,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
     "smoke": {
         "bench_backbone": ["--models", "tiny", "--repeats", "1", "--sampler_repeats", "1"],
         "bench_corpus": ["--roi_size", "512", "--sizes", "--repeats", "1"],
+        "bench_host_malloc": ["--what", "backbone:tiny", "--rounds", "1", "--repeats", "1"],
         "bench_data": ["--batch_size", "2", "--batches", "1", "--repeats", "1", "--workers", "0", "--model", "tiny",
                        "--model_batch", "1"],
         "bench_eval": ["--repeats", "1", "--tiles", "4", "--skip_vit"],
@@ -291,6 +294,17 @@ def _summary_slide(res: dict) -> list[Row]:
   return rows
 
 
+def _summary_host_malloc(res: dict) -> list[Row]:
+  rows = []
+  for r in res["tables"].get("host_malloc", []):
+    off, on = r["off"], r["on"]
+    rows.append(_row(f"{r['what']} with MUSE_HOST_MALLOC=on ({fmt(on['minor_faults'])} page faults / call; off: "
+                     f"{fmt(off['minor_faults'])})", on["wall_s"], "s (wall)",
+                     f"MUSE_HOST_MALLOC=off {fmt(off['wall_s'])} s (same run, alternating processes)",
+                     off["wall_s"]))
+  return rows
+
+
 def _summary_train(res: dict) -> list[Row]:
   peak = res.get("matmul_peak_gflop_per_s")
   rows = [_row("matmul peak (2048³ f32), same run", peak, "GFLOP/s")]
@@ -307,7 +321,8 @@ def _summary_train(res: dict) -> list[Row]:
 
 SUMMARIZERS: dict[str, Callable[[dict], list[Row]]] = {
     "bench_backbone": _summary_backbone, "bench_corpus": _summary_corpus, "bench_data": _summary_data,
-    "bench_eval": _summary_eval, "bench_predict": _summary_predict, "bench_slide": _summary_slide, "bench_train": _summary_train,
+    "bench_eval": _summary_eval, "bench_host_malloc": _summary_host_malloc, "bench_predict": _summary_predict,
+    "bench_slide": _summary_slide, "bench_train": _summary_train,
 }
 
 
