@@ -263,3 +263,61 @@ def test_l2_normalize_matches_torch_semantics_and_has_finite_gradient_at_zero():
   np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
   grad = jax.grad(lambda v: l2_normalize(v).sum())(x)
   assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_gelu_is_pytorchs_exact_gelu_with_its_gradient():
+  """`layers.gelu` (the erf form, issue #23) against a float64 reference and against `jax.nn.gelu(exact)`."""
+  import math  # pylint: disable=import-outside-toplevel
+  from muse_jax.models.layers import gelu  # pylint: disable=import-outside-toplevel
+  x = np.concatenate([np.linspace(-12, 12, 4001), [-1e-3, 0.0, 1e-3, 30.0, -30.0]]).astype(np.float32)
+  xd = x.astype(np.float64)
+  erf = np.vectorize(math.erf)(xd / math.sqrt(2))
+  ref = 0.5 * xd * (1 + erf)
+  dref = 0.5 * (1 + erf) + xd * np.exp(-0.5 * xd * xd) / math.sqrt(2 * math.pi)
+  y = np.asarray(jax.jit(gelu)(jnp.asarray(x)))
+  dy = np.asarray(jax.jit(jax.vmap(jax.grad(gelu)))(jnp.asarray(x)))
+  tol = 2e-6 * np.maximum(1.0, np.abs(xd))
+  assert np.all(np.abs(y - ref) <= tol), float(np.max(np.abs(y - ref) / tol))
+  assert np.all(np.abs(dy - dref) <= 4e-6), float(np.max(np.abs(dy - dref)))
+  np.testing.assert_allclose(y, np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False)), rtol=0, atol=2e-6 * 12)
+  assert y.dtype == np.float32 and gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("heads", [4, 2])  # head_dim 16 (q scaling exact) and 32 (not a power of 4)
+def test_attention_equals_softmax_attention_in_float64(heads):
+  """`vit.Attention` normalises after the value product (issue #23); values and input gradient match the textbook
+  softmax(q k^T / sqrt(hd)) v computed in float64, including logits large enough to overflow a naive exp."""
+  import math  # pylint: disable=import-outside-toplevel
+  from muse_jax.models.vit import Attention  # pylint: disable=import-outside-toplevel
+  dim, t = 64, 11
+  module = Attention(dim, heads)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, t, dim)).astype(np.float32))
+  params = module.init(jax.random.key(0), x)["params"]
+  params = jax.tree.map(lambda p: p * 60.0 if p.ndim == 2 else p, params)  # large logits (hundreds)
+
+  def ref(xs, p):
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    qkv = (xs @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(xs.shape[0], t, 3, heads, dim // heads)
+    q, k, v = (np.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))
+    s = q @ np.swapaxes(k, -1, -2) / math.sqrt(dim // heads)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    out = np.transpose(a @ v, (0, 2, 1, 3)).reshape(xs.shape[0], t, dim)
+    return out @ p["proj"]["kernel"] + p["proj"]["bias"], float(np.abs(s).max())
+
+  want, max_logit = ref(np.asarray(x, np.float64), params)
+  assert max_logit > 100  # exp(100) overflows float32: needs the max subtraction
+  got = np.asarray(jax.jit(module.apply)({"params": params}, x))
+  scale = np.abs(want).max()
+  assert np.abs(got - want).max() <= 1e-5 * scale, np.abs(got - want).max() / scale
+  # Input gradient of a scalar, at the initial (moderate) weights: against central differences of the float64
+  # reference along a random direction; at the large logits: finite.
+  params0 = module.init(jax.random.key(0), x)["params"]
+  w = rng.normal(size=want.shape)
+  grad = lambda p: np.asarray(jax.jit(jax.grad(  # noqa: E731
+      lambda xx: jnp.sum(module.apply({"params": p}, xx) * w)))(x), np.float64)
+  assert np.all(np.isfinite(grad(params)))
+  g, d, eps, x64 = grad(params0), rng.normal(size=x.shape), 1e-4, np.asarray(x, np.float64)
+  num = (np.sum(ref(x64 + eps * d, params0)[0] * w) - np.sum(ref(x64 - eps * d, params0)[0] * w)) / (2 * eps)
+  assert abs(float(np.sum(g * d)) - num) <= 1e-4 * max(1.0, abs(num)), (float(np.sum(g * d)), num)

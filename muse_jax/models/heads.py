@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from muse_jax.models.layers import torch_default_kernel_init, trunc_normal_02
+from muse_jax.models.layers import gelu, torch_default_kernel_init, trunc_normal_02
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -81,7 +81,7 @@ class DINOHead(nn.Module):
       x = nn.Dense(w, dtype=self.dtype, kernel_init=trunc_normal_02, bias_init=nn.initializers.zeros,
                    name=f"mlp_{i}")(x)
       if i < len(widths) - 1:
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
     x = l2_normalize(x.astype(jnp.float32))
     logits = WeightNormDense(self.out_dim, learn_gain=not self.norm_last_layer, dtype=self.dtype,
                              name="last_layer")(x)

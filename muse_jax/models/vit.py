@@ -18,7 +18,7 @@ import numpy as np
 
 from muse_jax import ops
 from muse_jax.models.decoder import Decoder
-from muse_jax.models.layers import DropPath, torch_default_bias_init, torch_default_kernel_init, trunc_normal_02
+from muse_jax.models.layers import DropPath, gelu, torch_default_bias_init, torch_default_kernel_init, trunc_normal_02
 
 CLS_MODES = ("ignore", "add", "proj")
 
@@ -48,7 +48,14 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention; `qkv` kernel `[D, 3D]` with output order (3, heads, head_dim) as in PyTorch."""
+  """Multi-head self-attention; `qkv` kernel `[D, 3D]` with output order (3, heads, head_dim) as in PyTorch.
+
+  softmax(q k^T / sqrt(hd)) v, computed as (e v) / sum(e) with e = exp(s - max s): the normalisation divides the
+  `[B, H, T, hd]` output instead of the `[B, H, T, T]` weights (issue #23: XLA:CPU otherwise materialises the
+  broadcast sums as a `[B, H, T, T]` array), and q is scaled before the product (exact for hd a power of 4, as
+  64 in ViT-S/B). Same values as PyTorch's order of operations up to float32 rounding (~1e-6 relative).
+  Exponentials and sums in float32 whatever `dtype`.
+  """
 
   dim: int
   num_heads: int
@@ -60,15 +67,16 @@ class Attention(nn.Module):
     b, t, d = x.shape
     hd = d // self.num_heads
     qkv = _dense(3 * d, "qkv", self.dtype, self.qkv_bias)(x).reshape(b, t, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d)
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, H, T, hd]
+    logits = jnp.matmul(q * jnp.asarray(hd ** -0.5, q.dtype), jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.matmul(e.astype(v.dtype), v) / jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.transpose(out.astype(self.dtype), (0, 2, 1, 3)).reshape(b, t, d)
     return _dense(d, "proj", self.dtype)(out)
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2."""
+  """fc1 -> exact GELU (`gelu`) -> fc2."""
 
   hidden: int
   dtype: Any = jnp.float32
@@ -76,7 +84,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.gelu(_dense(self.hidden, "fc1", self.dtype)(x), approximate=False)
+    x = gelu(_dense(self.hidden, "fc1", self.dtype)(x))
     return _dense(d, "fc2", self.dtype)(x)
 
 
