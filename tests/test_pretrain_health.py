@@ -170,9 +170,15 @@ def _synthetic_config(total_steps: int, lr: float) -> ml_collections.ConfigDict:
 
 
 def test_forced_collapse_is_detected_and_reported(tmp_path, capsys):
-  """lr 1e-2 (x200 the tiny recipe's) collapses DINO within tens of steps: the run says so while it runs, in the
-  summary it returns and in health.json."""
-  out = train.run(_synthetic_config(40, 1e-2), tmp_path, devices=jax.devices()[:1])
+  """A teacher temperature of 100 makes both heads' targets flat (the uniform collapse) from the first step: the run
+  says so while it runs, in the summary it returns and in health.json.
+
+  (A learning rate 200x the recipe's, which this test used before, collapses the tiny model only now and then: a
+  one-prototype episode of ~10 steps with one rounding of the attention and not with another, issue #23.)
+  """
+  c = _synthetic_config(40, 1e-2)
+  c.optim.teacher_temp = c.optim.warmup_teacher_temp = 100.0
+  out = train.run(c, tmp_path, devices=jax.devices()[:1])
   st = out["health"]
   assert not st["healthy"], st["line"]
   assert "COLLAPSE" in st["line"] or "RECOVERED" in st["line"]
