@@ -88,6 +88,20 @@ def torch_model(variant: str, seed: int = 0):
   return model, jax.tree.map(jnp.asarray, variables)
 
 
+def backbone_fwd_bwd(module):
+  """`fn(variables, images) -> (param grads, batch_stats update)`: train-mode forward and the gradient of
+  mean(f_map^2) + mean(f_cls^2) w.r.t. all parameters (the timed fwd+bwd; not jitted)."""
+
+  def fwd_bwd(variables, images):
+    def loss_fn(params):
+      out, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+      return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), upd
+    return jax.grad(loss_fn, has_aux=True)(variables["params"])
+
+  return fwd_bwd
+
+
 def bench_backbone(variant: str, batch: int, size: int, repeats: int, use_torch: bool = True,
                    conv_impls: tuple[str, ...] = ("auto",)) -> dict[str, float]:
   """JAX medians per `conv_impl` ({'fwd', 'fwd_bwd'} of the first, {'fwd[impl]', 'fwd_bwd[impl]'} of each) and, with
@@ -102,14 +116,7 @@ def bench_backbone(variant: str, batch: int, size: int, repeats: int, use_torch:
       variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(1), images[:1])
     fwd = jax.jit(functools.partial(module.apply, train=False))
 
-    def fwd_bwd(variables, images, module=module):
-      def loss_fn(params):
-        out, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
-                                mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-        return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), upd
-      return jax.grad(loss_fn, has_aux=True)(variables["params"])
-
-    fwd_bwd = jax.jit(fwd_bwd)
+    fwd_bwd = jax.jit(backbone_fwd_bwd(module))
     fns[f"{variant} fwd[{impl}]"] = functools.partial(fwd, variables, images)
     fns[f"{variant} fwd+bwd[{impl}]"] = functools.partial(fwd_bwd, variables, images)
     checks.append(fwd)

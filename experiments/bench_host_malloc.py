@@ -44,30 +44,17 @@ def _child(what: str, repeats: int, batch: int, vit_batch: int) -> dict:
   if kind == "backbone":
     import functools  # pylint: disable=import-outside-toplevel
     from configs.models import get_config  # pylint: disable=import-outside-toplevel
+    from experiments.bench_backbone import backbone_fwd_bwd  # pylint: disable=import-outside-toplevel
     from muse_jax.models import build_backbone  # pylint: disable=import-outside-toplevel
     images = jax.random.normal(jax.random.key(0), (batch, 224, 224, 3))
     module = build_backbone(get_config(name))
     variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(1), images[:1])
-
-    def fwd_bwd(variables, images):
-      def loss_fn(params):
-        out, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
-                                mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-        return jnp.mean(out["f_map"] ** 2) + jnp.mean(out["f_cls"] ** 2), upd
-      return jax.grad(loss_fn, has_aux=True)(variables["params"])
-
-    jitted = jax.jit(fwd_bwd)
+    jitted = jax.jit(backbone_fwd_bwd(module))
     call = lambda: jitted(variables, images)  # noqa: E731
   elif kind == "pretrain":
-    from configs import pretrain  # pylint: disable=import-outside-toplevel
+    from experiments.bench_train import synthetic_config  # pylint: disable=import-outside-toplevel
     from muse_jax.pretrain import train  # pylint: disable=import-outside-toplevel
-    cfg = pretrain.get_config(name)
-    cfg.data_source = "synthetic"
-    cfg.progress_bar = False
-    cfg.steps_per_epoch = 100
-    if name != "tiny":
-      cfg.batch_size = vit_batch
-    s = train.setup(cfg, jax.devices()[:1])
+    s = train.setup(synthetic_config(name, None if name == "tiny" else vit_batch), jax.devices()[:1])
     state = s["create_state"](s["init_rng"])
     gb = jax.tree.map(lambda x: jax.device_put(x, s["batch_sharding"]), next(s["data_iter"]))
     step = jax.jit(s["step_fn"])
@@ -117,10 +104,13 @@ def main(argv=None) -> None:
   if args.child:
     print(json.dumps(_child(args.child, args.repeats, args.batch, args.vit_batch)))
     return
+  from configs import models, pretrain  # pylint: disable=import-outside-toplevel
+  names = {"backbone": models.VARIANTS, "pretrain": pretrain.VARIANTS}
   whats = [w for w in args.what.split(",") if w]
-  bad = [w for w in whats if w.partition(":")[0] not in ("backbone", "pretrain") or not w.partition(":")[2]]
+  bad = [w for w in whats if w.partition(":")[2] not in names.get(w.partition(":")[0], ())]
   if bad or not whats:
-    p.error(f"--what: expected backbone:VARIANT or pretrain:CONFIG; got {args.what!r}")
+    p.error(f"--what: expected backbone:VARIANT (one of {', '.join(models.VARIANTS)}) or pretrain:CONFIG (one of "
+            f"{', '.join(pretrain.VARIANTS)}); got {', '.join(bad) or repr(args.what)}")
   print(f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}; {args.rounds} round(s) of an off "
         f"and an on process per workload, median of {args.repeats} calls per process\n")
   print("| workload | wall s off | wall s on | speed-up | page faults / call off / on | system CPU s / call off / on "

@@ -77,13 +77,19 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   return 2.0 * n ** 3 / t
 
 
-def bench_config(name: str, batch: int | None, repeats: int) -> list[dict]:
+def synthetic_config(name: str, batch: int | None):
+  """`configs/pretrain.py:name` on synthetic data (no progress bar), with `batch` regions unless None."""
   cfg = pretrain.get_config(name)
   cfg.data_source = "synthetic"
   cfg.progress_bar = False
   cfg.steps_per_epoch = 100
   if batch is not None:
     cfg.batch_size = batch
+  return cfg
+
+
+def bench_config(name: str, batch: int | None, repeats: int) -> list[dict]:
+  cfg = synthetic_config(name, batch)
   s = train.setup(cfg, jax.devices()[:1])
   state = s["create_state"](s["init_rng"])
   batch_np = next(s["data_iter"])
