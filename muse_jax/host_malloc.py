@@ -10,17 +10,22 @@ CPU time per ViT-S/16 step on a 2-core machine, ~15% of the step's wall time.
 With one arena (`M_ARENA_MAX` 1), no `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming of the heap
 (`M_TRIM_THRESHOLD` -1), the block comes from the process heap and is reused by the next step: no page faults
 after the first. The cost: the process keeps its peak heap (freed memory stays with the process for reuse,
-as in any caching allocator) and every thread allocates from one arena (fine for XLA's few, large allocations).
+as in any caching allocator) and every thread allocates from one arena. That lock is what makes it opt-in: with
+many small ops the threads wait on it, and the `tiny` pretraining step ran ~2x slower (0.056 -> 0.107 s; one
+arena alone did it, `MALLOC_ARENA_MAX=1`), while the large backbones gained 1.1-1.3x (WORKSPACE.md, issue #23
+attempt 18). A thread arena cannot be kept from `mmap`ing the large block, so there is no setting without the
+lock.
 
 `apply()` runs when `muse_jax` is imported (`muse_jax/__init__.py`), before JAX starts its CPU client threads:
 the arena limit only binds threads that allocate for the first time after it. Controlled by the environment
 variable `MUSE_HOST_MALLOC`:
 
-- `auto` (default): on Linux with glibc, only when the computation runs on the CPU: `JAX_PLATFORMS` names only
-  `cpu`, or it is unset and no accelerator plugin is installed (`libtpu`, a `jax_plugins` package or entry point).
-  On an accelerator host the device memory is not malloc'd and host threads keep their arenas.
+- `off` / `0` (default): never (glibc's defaults).
+- `auto`: on Linux with glibc, only when the computation runs on the CPU: `JAX_PLATFORMS` names only `cpu`, or it
+  is unset and no accelerator plugin is installed (`libtpu`, a `jax_plugins` package or entry point). On an
+  accelerator host the device memory is not malloc'd and host threads keep their arenas. For ViT-B / R50-size
+  CPU work.
 - `on` / `1`: on Linux with glibc, whatever the platform.
-- `off` / `0`: never (glibc's defaults).
 
 `python -m experiments.bench_host_malloc` measures the effect (each setting in its own process).
 """
@@ -31,6 +36,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Mapping
 
 ENV = "MUSE_HOST_MALLOC"
@@ -56,7 +62,7 @@ def _accelerator_installed() -> bool:
 def wanted(environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
   """(apply?, why) under the `MUSE_HOST_MALLOC` rule above, for `environ` (default `os.environ`)."""
   environ = os.environ if environ is None else environ
-  mode = environ.get(ENV, "auto").strip().lower() or "auto"
+  mode = environ.get(ENV, "off").strip().lower() or "off"
   if mode in ("off", "0", "false", "no"):
     return False, f"{ENV}={mode}"
   if mode not in ("auto", "on", "1", "true", "yes"):
@@ -78,18 +84,24 @@ def wanted(environ: Mapping[str, str] | None = None) -> tuple[bool, str]:
 def apply(environ: Mapping[str, str] | None = None) -> str:
   """Sets the glibc malloc parameters when `wanted`; returns what was done ('applied: ...' or 'skipped: ...').
 
-  Idempotent: later calls return the first call's status.
+  Idempotent: later calls return the first call's status. A bad `MUSE_HOST_MALLOC` value is a warning (glibc's
+  defaults kept), not an error: this runs at `import muse_jax`.
   """
   global _status
   if _status is not None:
     return _status
-  ok, why = wanted(environ)
+  try:
+    ok, why = wanted(environ)
+  except ValueError as e:  # a typo in the variable must not stop every command at `import muse_jax`
+    warnings.warn(f"{e} glibc's malloc defaults are kept.", stacklevel=2)
+    ok, why = False, str(e)
   if not ok:
     _status = f"skipped: {why}"
     return _status
   try:
     libc = ctypes.CDLL(None)
-    mallopt, _ = libc.mallopt, libc.gnu_get_libc_version
+    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (AttributeError unless glibc)
+    mallopt = libc.mallopt
   except (OSError, AttributeError):
     _status = "skipped: not glibc"
     return _status

@@ -21,14 +21,15 @@ LINUX = sys.platform.startswith("linux")
 
 
 @pytest.mark.parametrize("env, want", [
+    ({}, False),  # off by default
+    ({"JAX_PLATFORMS": "cpu"}, False),
     ({"MUSE_HOST_MALLOC": "off"}, False),
     ({"MUSE_HOST_MALLOC": "0"}, False),
     ({"MUSE_HOST_MALLOC": "off", "JAX_PLATFORMS": "cpu"}, False),
     ({"MUSE_HOST_MALLOC": "on", "JAX_PLATFORMS": "tpu"}, LINUX),
-    ({"JAX_PLATFORMS": "cpu"}, LINUX),
-    ({"JAX_PLATFORMS": " CPU "}, LINUX),
-    ({"JAX_PLATFORMS": "cuda,cpu"}, False),
-    ({"JAX_PLATFORMS": "tpu"}, False),
+    ({"MUSE_HOST_MALLOC": "auto", "JAX_PLATFORMS": " CPU "}, LINUX),
+    ({"MUSE_HOST_MALLOC": "auto", "JAX_PLATFORMS": "cuda,cpu"}, False),
+    ({"MUSE_HOST_MALLOC": "auto", "JAX_PLATFORMS": "tpu"}, False),
     ({"MUSE_HOST_MALLOC": "auto", "JAX_PLATFORMS": "cpu"}, LINUX),
 ])
 def test_wanted_follows_the_env_rule(env, want):
@@ -41,9 +42,9 @@ def test_auto_without_jax_platforms_asks_whether_an_accelerator_is_installed(mon
   if not LINUX:
     pytest.skip("Linux only")
   monkeypatch.setattr(host_malloc, "_accelerator_installed", lambda: True)
-  assert host_malloc.wanted({}) == (False, "an accelerator backend is installed")
+  assert host_malloc.wanted({"MUSE_HOST_MALLOC": "auto"}) == (False, "an accelerator backend is installed")
   monkeypatch.setattr(host_malloc, "_accelerator_installed", lambda: False)
-  assert host_malloc.wanted({}) == (True, "CPU-only JAX")
+  assert host_malloc.wanted({"MUSE_HOST_MALLOC": "auto"}) == (True, "CPU-only JAX")
 
 
 def test_a_bad_value_names_the_variable():
@@ -91,3 +92,11 @@ def test_the_settings_stop_xla_buffers_from_being_faulted_in_at_every_call():
   assert off["faults"] > pages // 2, off
   # With the settings: the freed buffers are reused from the heap.
   assert on["faults"] < pages // 20, on
+
+
+def test_a_bad_value_at_import_warns_and_keeps_glibcs_defaults(monkeypatch):
+  monkeypatch.setattr(host_malloc, "_status", None)
+  with pytest.warns(UserWarning, match="MUSE_HOST_MALLOC must be auto, on or off; got 'sometimes'. glibc's malloc "
+                                       "defaults are kept."):
+    status = host_malloc.apply({"MUSE_HOST_MALLOC": "sometimes"})
+  assert status.startswith("skipped: MUSE_HOST_MALLOC must be")
